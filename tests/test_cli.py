@@ -1,0 +1,71 @@
+"""The `dreamdiff` command: help for every stage, one-line errors, resolved configs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dreamdiff.cli import STAGES, main
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dreamdiff.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_top_level_help_lists_every_stage() -> None:
+    out = _run("--help")
+    assert out.returncode == 0
+    for stage in STAGES:
+        assert stage in out.stdout
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_each_stage_has_help(stage: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([stage, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "--config" in text and "key=value" in text
+
+
+def test_print_config_resolves_overrides(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pretrain", "--config", "pretrain-demo.yaml", "--print-config", "model.depth=3"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["model"]["depth"] == 3 and resolved["model"]["preset"] == "tiny"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["pretrain", "--config", "missing.yaml"], "config file not found: missing.yaml"),
+        (["pretrain", "--config", "pretrain-demo.yaml", "optim.lr=fast"], "optim.lr"),
+        (
+            ["pretrain", "--config", "pretrain-demo.yaml", "optim.learningrate=1"],
+            "optim.learningrate: unknown key",
+        ),
+    ],
+)
+def test_bad_config_exits_nonzero_with_one_line_and_no_traceback(args: list[str], expected: str) -> None:
+    out = _run(*args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert expected in lines[0] and "Traceback" not in out.stderr
+
+
+def test_unknown_stage_is_an_argparse_error() -> None:
+    out = _run("train-everything")
+    assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).with_name("dreamdiff")
+    assert script.exists(), "pip install -e . should install the `dreamdiff` console script"
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
