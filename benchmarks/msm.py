@@ -67,8 +67,9 @@ def measure(
     cuda = device.type == "cuda"
 
     def step() -> None:
-        msm_train_step(step_model, optimizer, [eeg], lr=2.5e-4, grad_clip=0.8, autocast_dtype=autocast_dtype,
-                       device=device)
+        msm_train_step(
+            step_model, optimizer, [eeg], lr=2.5e-4, grad_clip=0.8, autocast_dtype=autocast_dtype, device=device
+        )
 
     for _ in range(warmup):
         step()
@@ -102,15 +103,18 @@ def measure(
     }
 
 
-def run_one(
-    cfg: MSMConfig, batch: int, precision: str, args: argparse.Namespace, device: torch.device
-) -> None:
+def run_one(cfg: MSMConfig, batch: int, precision: str, args: argparse.Namespace, device: torch.device) -> None:
     """Measure and print one JSON line; out of memory prints the error and the suite goes on."""
     try:
         row = measure(cfg, batch, precision, args.steps, args.warmup, device, args.compile)
     except torch.OutOfMemoryError as err:
-        row = {"name": "msm_train_step", "model": cfg.model_dump(), "batch": batch, "precision": precision,
-               "error": f"out of memory: {str(err).splitlines()[0]}"}
+        row = {
+            "name": "msm_train_step",
+            "model": cfg.model_dump(),
+            "batch": batch,
+            "precision": precision,
+            "error": f"out of memory: {str(err).splitlines()[0]}",
+        }
     print(json.dumps(row), flush=True)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -119,9 +123,16 @@ def run_one(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["large", "small", "tiny"], default="large")
-    for flag, kind in (("--embed-dim", int), ("--depth", int), ("--num-heads", int), ("--mlp-ratio", float),
-                       ("--decoder-embed-dim", int), ("--decoder-depth", int), ("--decoder-num-heads", int),
-                       ("--mask-ratio", float)):
+    for flag, kind in (
+        ("--embed-dim", int),
+        ("--depth", int),
+        ("--num-heads", int),
+        ("--mlp-ratio", float),
+        ("--decoder-embed-dim", int),
+        ("--decoder-depth", int),
+        ("--decoder-num-heads", int),
+        ("--mask-ratio", float),
+    ):
         p.add_argument(flag, type=kind, help="overrides the preset")
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], help="default: bf16 (fp32 on CPU)")

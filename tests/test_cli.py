@@ -13,9 +13,7 @@ from dreamdiff.cli import STAGES, main
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dreamdiff.cli", *args], capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run([sys.executable, "-m", "dreamdiff.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_top_level_help_lists_every_stage() -> None:

@@ -36,9 +36,7 @@ def test_every_stage_has_a_demo_config() -> None:
 
 
 def test_dotted_overrides_parse_yaml_values() -> None:
-    cfg = load_config(
-        "pretrain", "pretrain-demo", ["model.depth=3", "optim.betas=[0.8, 0.9]", "scaling.use_gpu=true"]
-    )
+    cfg = load_config("pretrain", "pretrain-demo", ["model.depth=3", "optim.betas=[0.8, 0.9]", "scaling.use_gpu=true"])
     assert isinstance(cfg, PretrainConfig)
     assert cfg.model.depth == 3 and isinstance(cfg.model.depth, int)
     assert cfg.optim.betas == (0.8, 0.9)

@@ -39,7 +39,7 @@ STAGES: dict[str, Stage] = {
         "Pretrain the temporal MSM encoder on unlabeled shards with a TorchTrainer (DDP, bf16 on GPU), "
         "with checkpoints, resume and reconstruction plots.",
         "pretrain-demo.yaml",
-        None,
+        "dreamdiff.train.pretrain:run",
         4,
     ),
     "finetune": Stage(
@@ -78,7 +78,7 @@ STAGES: dict[str, Stage] = {
         "Start a local Ray in-process and run the stages on SynthEEG-Image and MOABB's FakeDataset with "
         "tiny models, no network and no GPU; leave a report under the run folder.",
         "demo.yaml",
-        None,
+        "dreamdiff.demo:run",
         9,
     ),
 }
@@ -101,9 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         if name == "demo":
             cmd.add_argument("--out", help="run folder (default: the config's output)")
-            cmd.add_argument(
-                "--quick", action="store_true", help="the shortest run that still shows every stage"
-            )
+            cmd.add_argument("--quick", action="store_true", help="the shortest run that still shows every stage")
         cmd.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return parser
 

@@ -40,7 +40,8 @@ class RayInitConfig(StrictModel):
 
 
 class ScalingSection(StrictModel):
-    """Ray Train workers. num_workers=0 runs the loop in the driver process (fast local runs)."""
+    """Ray Train workers. num_workers=0 runs the loop in the driver process: quick local runs that
+    Ray does not checkpoint, restart or resume; use one worker or more for real runs."""
 
     num_workers: int = Field(default=1, ge=0)
     use_gpu: bool = False
@@ -148,6 +149,20 @@ class PreprocessConfig(StrictModel):
 # --------------------------------------------------------------------------------- pretrain
 
 
+class AugmentSection(StrictModel):
+    """Train-time transforms, applied per worker to each batch (dreamdiff.data.augment)."""
+
+    max_crop: int = Field(default=0, ge=0, description="samples cut off and stretched back; 0 = off")
+    scale: tuple[float, float] = Field(default=(1.0, 1.0), description="random gain range")
+
+    @field_validator("scale")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError("must be [low, high] with 0 < low <= high")
+        return value
+
+
 class PretrainConfig(StrictModel):
     """Masked signal modeling (MSM) on unlabeled epochs with a TorchTrainer."""
 
@@ -155,14 +170,26 @@ class PretrainConfig(StrictModel):
     output: str = Field(description="run folder: checkpoints, metrics, plots")
     model: MSMConfig = MSMConfig(preset="tiny")
     optim: OptimSection = OptimSection()
+    augment: AugmentSection = AugmentSection()
     epochs: int = Field(default=500, ge=1)
     batch_size: int = Field(default=100, ge=1, description="global batch, split across workers")
-    precision: Literal["fp32", "bf16"] = "bf16"
+    precision: Literal["fp32", "bf16"] = Field(default="bf16", description="bf16 autocast on GPU; CPU runs fp32")
     seed: int = 0
+    cache_data: Literal["auto", "yes", "no"] = Field(
+        default="auto", description="hold the decoded windows in Ray's object store across epochs"
+    )
+    val_fraction: float = Field(default=0.05, ge=0, lt=1, description="shard files held out for validation")
+    val_rows: int = Field(default=32, ge=1, description="held-out windows scored at every log step")
     log_every_steps: int = Field(default=20, ge=1)
     plot_every_epochs: int = Field(default=50, ge=1)
     checkpoint: CheckpointSection = CheckpointSection()
-    max_failures: int = Field(default=0, ge=-1, description="restarts from the last checkpoint")
+    max_failures: int = Field(default=0, ge=-1, description="restarts from the last checkpoint (-1: always)")
+    resume_from: str | None = Field(
+        default=None, description="another pretrain run (or checkpoint) to continue: weights, optimizer, step"
+    )
+    inject_failure_at_step: int | None = Field(
+        default=None, ge=1, description="test hook: rank 0 raises once at this step, to exercise recovery"
+    )
     scaling: ScalingSection = ScalingSection()
     ray: RayInitConfig = RayInitConfig()
 
@@ -255,6 +282,7 @@ class DemoConfig(StrictModel):
 
     output: str = "runs/demo"
     quick: bool = False
+    quick_overrides: list[str] = Field(default_factory=list, description="dotted overrides that --quick applies")
     preprocess: PreprocessConfig
     pretrain: PretrainConfig
     ray: RayInitConfig = RayInitConfig(num_cpus=4)
@@ -359,11 +387,7 @@ def _describe(model: type[BaseModel], err: Mapping[str, Any], overridden: set[st
     if err["type"] == "extra_forbidden":
         allowed = _fields_at(model, loc[:-1]) or []
         close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-        hint = (
-            f"; did you mean {close[0]!r}?"
-            if close
-            else (f"; allowed: {', '.join(allowed)}" if allowed else "")
-        )
+        hint = f"; did you mean {close[0]!r}?" if close else (f"; allowed: {', '.join(allowed)}" if allowed else "")
         return f"{key}: unknown key{origin}{hint}"
     if err["type"] == "missing":
         return f"{key}: required key is missing"
@@ -371,9 +395,7 @@ def _describe(model: type[BaseModel], err: Mapping[str, Any], overridden: set[st
     return f"{key}: {err['msg'].removeprefix('Value error, ')} (got {got!r}){origin}"
 
 
-def validate_config(
-    stage: str, data: dict[str, Any], source: str, overridden: Sequence[str] = ()
-) -> StrictModel:
+def validate_config(stage: str, data: dict[str, Any], source: str, overridden: Sequence[str] = ()) -> StrictModel:
     """Validate a raw dict as the config of `stage`; errors become one-line ConfigErrors."""
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
@@ -402,16 +424,16 @@ def record_config(cfg: BaseModel, run_dir: str | Path) -> Path:
     """Write `config.yaml` into a run folder; refuse to mix runs of different configs.
 
     Re-running the same config into the same folder is how stages resume, so an identical
-    record is fine; a different one means two experiments would share checkpoints.
+    record is fine (where Ray runs, the `ray` section, may change); a different one means two
+    experiments would share checkpoints.
     """
     folder = Path(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"
     text = dump_config(cfg)
-    if path.exists() and path.read_text() != text:
-        old = yaml.safe_load(path.read_text()) or {}
-        new = yaml.safe_load(text)
-        changed = sorted(_changed_keys(old, new))
+    old = (yaml.safe_load(path.read_text()) or {}) if path.exists() else None
+    changed = [] if old is None else [k for k in _changed_keys(old, yaml.safe_load(text)) if not k.startswith("ray.")]
+    if changed:
         raise ConfigError(
             f"{folder} holds a run made with a different config (changed: {', '.join(changed[:8])}); "
             "use another output folder or remove this one"

@@ -275,9 +275,7 @@ def test_killed_run_resumes_to_the_same_rows(tmp_path: Path) -> None:
         cfg_file = tmp_path / f"{name}.yaml"
         cfg_file.write_text(yaml.safe_dump({**base, "output": str(tmp_path / name)}))
     cmd = [sys.executable, "-m", "dreamdiff.cli", "preprocess", "--config"]
-    proc = subprocess.Popen(
-        [*cmd, str(tmp_path / "killed.yaml")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    proc = subprocess.Popen([*cmd, str(tmp_path / "killed.yaml")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and len(list((tmp_path / "killed").rglob(DONE))) < 2:
         time.sleep(0.2)
@@ -286,9 +284,7 @@ def test_killed_run_resumes_to_the_same_rows(tmp_path: Path) -> None:
     finished = len(list((tmp_path / "killed").rglob(DONE)))
     assert 2 <= finished < 6, "the run should have been interrupted part-way"
     for name in ("killed", "whole"):
-        out = subprocess.run(
-            [*cmd, str(tmp_path / f"{name}.yaml")], capture_output=True, text=True, timeout=600
-        )
+        out = subprocess.run([*cmd, str(tmp_path / f"{name}.yaml")], capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
     resumed = json.loads((tmp_path / "killed" / "manifest.json").read_text())
     assert resumed["totals"]["subjects_done"] == 6

@@ -194,10 +194,7 @@ def test_interpolate_channels_needs_a_montage() -> None:
 
 def test_normalise_zscore_is_per_epoch_and_channel_and_safe_on_flat_rows() -> None:
     rng = np.random.default_rng(1)
-    x = (
-        rng.normal(size=(4, 3, 256)) * np.array([1e-5, 3.0, 0.0])[:, None]
-        + np.array([5.0, -2.0, 7.0])[:, None]
-    )
+    x = rng.normal(size=(4, 3, 256)) * np.array([1e-5, 3.0, 0.0])[:, None] + np.array([5.0, -2.0, 7.0])[:, None]
     x[2, 1] *= 100.0  # epochs are normalised independently
     y = normalise(x, "zscore")
     assert y.dtype == np.float32
@@ -278,9 +275,7 @@ def test_epochs_from_fake_dataset(
 
 
 def test_epochs_from_raw_interpolate_without_montage_fails_clearly() -> None:
-    raw = mne.io.RawArray(
-        np.zeros((3, 2000)), mne.create_info(["C3", "Cz", "C4"], 250.0, "eeg"), verbose=False
-    )
+    raw = mne.io.RawArray(np.zeros((3, 2000)), mne.create_info(["C3", "Cz", "C4"], 250.0, "eeg"), verbose=False)
     with pytest.raises(ValueError, match="channels='tile'"):
         epochs_from_raw(raw, channels="interpolate")
     assert epochs_from_raw(raw, channels="tile")["eeg"].shape == (3, 128, 512)

@@ -149,9 +149,7 @@ def test_splits_are_by_image_stratified_and_deterministic() -> None:
 
 
 @pytest.mark.parametrize(("num_classes", "images_per_class", "min_accuracy"), [(10, 20, 0.6), (40, 10, 0.3)])
-def test_classes_are_visually_distinct_at_16px(
-    num_classes: int, images_per_class: int, min_accuracy: float
-) -> None:
+def test_classes_are_visually_distinct_at_16px(num_classes: int, images_per_class: int, min_accuracy: float) -> None:
     cfg = SynthConfig(num_classes=num_classes, images_per_class=images_per_class, image_size=16)
     n = num_classes * images_per_class
     pixels = np.stack([render_image(cfg, i).astype(np.float32).ravel() for i in range(n)])
@@ -160,9 +158,7 @@ def test_classes_are_visually_distinct_at_16px(
     means = np.stack([pixels[train & (labels == k)].mean(0) for k in range(num_classes)])
     nearest = np.argmin(((pixels[~train, None] - means[None]) ** 2).sum(-1), axis=1)
     accuracy = float(np.mean(nearest == labels[~train]))
-    assert accuracy >= min_accuracy, (
-        f"nearest-class-mean accuracy {accuracy:.2f} (chance {1 / num_classes:.3f})"
-    )
+    assert accuracy >= min_accuracy, f"nearest-class-mean accuracy {accuracy:.2f} (chance {1 / num_classes:.3f})"
 
 
 # ---------------------------------------------------------------------------------------------- EEG

@@ -28,9 +28,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _images(batch: int = 3, size: int = 40) -> torch.Tensor:
-    return torch.randint(
-        0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
-    )
+    return torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 
 def test_saved_checkpoint_loads_back_through_open_clip(checkpoint: Path) -> None:

@@ -58,9 +58,7 @@ def test_tiny_model_is_saved_in_the_sd_layout_and_loads_back(pixel_sd: Path) -> 
     assert not hasattr(sd.unet.down_blocks[0], "attentions")  # no attention at full resolution
     assert sd.noise_scheduler.config.prediction_type == "epsilon"
     assert sd.noise_scheduler.config.beta_schedule == "scaled_linear"
-    out = sd.unet(
-        _images(), torch.tensor([0, 10, 100, 999]), encoder_hidden_states=torch.randn(4, 77, 64)
-    ).sample
+    out = sd.unet(_images(), torch.tensor([0, 10, 100, 999]), encoder_hidden_states=torch.randn(4, 77, 64)).sample
     assert out.shape == (4, 3, 16, 16)
 
 
@@ -120,9 +118,7 @@ def test_loss_targets_follow_the_prediction_type(pixel_sd: Path, kind: str) -> N
         noise = torch.randn(x0.shape, generator=g)
         pred = sd.unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=context).sample
     alpha = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
-    target = {"epsilon": noise, "v_prediction": alpha.sqrt() * noise - (1 - alpha).sqrt() * x0, "sample": x0}[
-        kind
-    ]
+    target = {"epsilon": noise, "v_prediction": alpha.sqrt() * noise - (1 - alpha).sqrt() * x0, "sample": x0}[kind]
     torch.testing.assert_close(loss, ((pred - target) ** 2).mean())
 
 
@@ -154,9 +150,7 @@ def test_diffusion_loss_decreases_when_training_the_tiny_unet(tmp_path: Path) ->
 
 
 def test_missing_or_incomplete_base_models_are_clear_errors(tmp_path: Path) -> None:
-    with pytest.raises(
-        DreamdiffError, match=r"'.*nowhere' is not a folder; expected a local Stable Diffusion"
-    ):
+    with pytest.raises(DreamdiffError, match=r"'.*nowhere' is not a folder; expected a local Stable Diffusion"):
         load_sd_components(str(tmp_path / "nowhere"))
     (tmp_path / "half" / "unet").mkdir(parents=True)
     with pytest.raises(DreamdiffError, match=r"missing subfolder\(s\) \['scheduler'\]"):

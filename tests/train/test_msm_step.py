@@ -81,14 +81,16 @@ def test_grad_clip_bounds_the_update_and_reports_the_raw_norm() -> None:
 def test_float16_autocast_is_refused() -> None:
     model = build_msm(TINY)
     with pytest.raises(ValueError, match="bfloat16"):
-        msm_train_step(model, build_optimizer(model, 1e-3), [_eeg(2)], lr=1e-3, grad_clip=1.0,
-                       autocast_dtype=torch.float16)
+        msm_train_step(
+            model, build_optimizer(model, 1e-3), [_eeg(2)], lr=1e-3, grad_clip=1.0, autocast_dtype=torch.float16
+        )
 
 
 def test_bf16_autocast_step_runs() -> None:
     model = build_msm(TINY)
-    stats = msm_train_step(model, build_optimizer(model, 1e-3), [_eeg(2)], lr=1e-3, grad_clip=1.0,
-                           autocast_dtype=torch.bfloat16)
+    stats = msm_train_step(
+        model, build_optimizer(model, 1e-3), [_eeg(2)], lr=1e-3, grad_clip=1.0, autocast_dtype=torch.bfloat16
+    )
     assert math.isfinite(stats["loss"])
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
@@ -99,8 +101,15 @@ def test_param_groups_exempt_norms_biases_and_tokens() -> None:
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     ids = {id(p) for p in no_decay["params"]}
     exempt = {n for n, p in model.named_parameters() if id(p) in ids}
-    expected = {"encoder.cls_token", "decoder.mask_token", "encoder.norm.weight", "encoder.norm.bias",
-                "encoder.blocks.0.norm1.weight", "encoder.blocks.0.attn.qkv.bias", "encoder.patch_embed.bias"}
+    expected = {
+        "encoder.cls_token",
+        "decoder.mask_token",
+        "encoder.norm.weight",
+        "encoder.norm.bias",
+        "encoder.blocks.0.norm1.weight",
+        "encoder.blocks.0.attn.qkv.bias",
+        "encoder.patch_embed.bias",
+    }
     assert expected <= exempt
     assert all(p.ndim < 2 for p in no_decay["params"]) and all(p.ndim >= 2 for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
@@ -126,8 +135,14 @@ def test_plot_reconstructions_writes_png(tmp_path: Path, norm_target: bool) -> N
     model = build_msm(MSMConfig(preset="tiny", norm_target=norm_target))
     channel_mask = torch.ones(2, 128, dtype=torch.bool)
     channel_mask[:, 1] = False
-    path = plot_reconstructions(model, _eeg(2), tmp_path / "recon" / "epoch_001.png", channels=(0, 1, 5),
-                                channel_mask=channel_mask, generator=torch.Generator().manual_seed(0),
-                                title="epoch 1")
+    path = plot_reconstructions(
+        model,
+        _eeg(2),
+        tmp_path / "recon" / "epoch_001.png",
+        channels=(0, 1, 5),
+        channel_mask=channel_mask,
+        generator=torch.Generator().manual_seed(0),
+        title="epoch 1",
+    )
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert model.training

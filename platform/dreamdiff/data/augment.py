@@ -6,9 +6,7 @@ import torch
 import torch.nn.functional as F
 
 
-def random_crop_resize(
-    eeg: torch.Tensor, max_crop: int, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def random_crop_resize(eeg: torch.Tensor, max_crop: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Cut a random span of up to `max_crop` samples off each epoch and stretch it back to length T.
 
     A small random time-stretch and shift: the model sees the same evoked shape a few ms off.
@@ -26,9 +24,7 @@ def random_crop_resize(
     return F.grid_sample(eeg.unsqueeze(2), grid, align_corners=True).squeeze(2)
 
 
-def random_scale(
-    eeg: torch.Tensor, low: float, high: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def random_scale(eeg: torch.Tensor, low: float, high: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Multiply each epoch by a random gain in [low, high] (amplitude varies across people and caps)."""
     gain = torch.empty(eeg.shape[0], 1, 1).uniform_(low, high, generator=generator)
     return eeg * gain.to(eeg.device, eeg.dtype)

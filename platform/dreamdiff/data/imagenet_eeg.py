@@ -54,9 +54,7 @@ def load_release(eeg_file: str) -> dict[str, Any]:
         )
     trials = data["dataset"]
     if not isinstance(trials, list) or not trials or not all(isinstance(t, dict) for t in trials):
-        raise DreamdiffError(
-            f"sources.eeg_file: {eeg_file}: 'dataset' must be a non-empty list of trial dicts"
-        )
+        raise DreamdiffError(f"sources.eeg_file: {eeg_file}: 'dataset' must be a non-empty list of trial dicts")
     missing = TRIAL_KEYS - set(trials[0])
     if missing:
         raise DreamdiffError(f"sources.eeg_file: {eeg_file}: trials lack the keys {sorted(missing)}")
@@ -70,16 +68,13 @@ def load_splits(splits_file: str, split_index: int, num_trials: int) -> np.ndarr
         raise DreamdiffError(f"sources.splits_file: {splits_file}: expected a dict with a 'splits' list")
     if split_index >= len(data["splits"]):
         raise DreamdiffError(
-            f"sources.split_index: {split_index} is out of range; "
-            f"{splits_file} has {len(data['splits'])} splits"
+            f"sources.split_index: {split_index} is out of range; {splits_file} has {len(data['splits'])} splits"
         )
     names = np.full(num_trials, "none", dtype=object)
     for name in ("train", "val", "test"):
         idx = np.asarray(data["splits"][split_index].get(name, []), dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= num_trials):
-            raise DreamdiffError(
-                f"sources.splits_file: split {name!r} holds indices outside 0..{num_trials - 1}"
-            )
+            raise DreamdiffError(f"sources.splits_file: split {name!r} holds indices outside 0..{num_trials - 1}")
         names[idx] = name
     return names
 

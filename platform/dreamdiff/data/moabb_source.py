@@ -72,9 +72,7 @@ def datasets(source: MOABBSource) -> dict[str, BaseDataset]:
         cls = catalogue().get(name) or _by_code(name)
         if cls is None:
             close = difflib.get_close_matches(name, list(catalogue()), n=3)
-            hint = (
-                f"; did you mean {', '.join(close)}?" if close else "; see moabb.datasets.utils.dataset_list"
-            )
+            hint = f"; did you mean {', '.join(close)}?" if close else "; see moabb.datasets.utils.dataset_list"
             raise DreamdiffError(f"sources.datasets: unknown MOABB dataset {name!r}{hint}")
         out[name] = cls()
     return out

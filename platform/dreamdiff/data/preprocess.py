@@ -138,9 +138,7 @@ def _moabb_rows(task: SubjectTask, source: MOABBSource, sig: SignalSection, info
             scale=sig.scale,
             clip=sig.clip,
         )
-        info.update(
-            sfreq=out["sfreq"], h_freq_used=out["h_freq_used"], n_channels_orig=out["n_channels_orig"]
-        )
+        info.update(sfreq=out["sfreq"], h_freq_used=out["h_freq_used"], n_channels_orig=out["n_channels_orig"])
         if len(out["eeg"]):
             yield _epoch_columns(
                 task,
@@ -186,9 +184,7 @@ def _synth_rows(task: SubjectTask, source: SynthSource, sig: SignalSection, info
     yield cols
 
 
-def _imagenet_rows(
-    task: SubjectTask, source: ImageNetEEGSource, sig: SignalSection, info: dict
-) -> Iterator[dict]:
+def _imagenet_rows(task: SubjectTask, source: ImageNetEEGSource, sig: SignalSection, info: dict) -> Iterator[dict]:
     release = imagenet_eeg.load_release(source.eeg_file)
     splits = imagenet_eeg.load_splits(source.splits_file, source.split_index, len(release["dataset"]))
     info.update(sfreq=IMAGENET_EEG_SFREQ, skipped_images=[])
@@ -202,9 +198,7 @@ def _imagenet_rows(
         chunk = trials[first : first + 256]
         crops = []
         for t in chunk:  # trials differ in length: filter each whole, then keep 20..460 as the paper
-            filtered, info["h_freq_used"] = signal.bandpass(
-                t["eeg"], IMAGENET_EEG_SFREQ, sig.l_freq, sig.h_freq
-            )
+            filtered, info["h_freq_used"] = signal.bandpass(t["eeg"], IMAGENET_EEG_SFREQ, sig.l_freq, sig.h_freq)
             stop = min(460, filtered.shape[-1])
             crops.append(signal.crop_and_interpolate(filtered, start=20, stop=stop, size=sig.window))
         eeg = signal.normalise(np.stack(crops), mode=sig.normalise, scale=sig.scale, clip=sig.clip)
@@ -293,8 +287,13 @@ def process_subject(cfg: PreprocessConfig, task: SubjectTask) -> dict[str, Any]:
 
 
 def _versions() -> dict[str, str]:
-    names = ("dreamdiff", "numpy", "scipy", "mne", "moabb", "pyarrow", "ray", "torch")
-    return {n: metadata.version(n) for n in names}
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:  # e.g. shipped to a cluster as a py_module
+            return "not installed"
+
+    return {n: version(n) for n in ("dreamdiff", "numpy", "scipy", "mne", "moabb", "pyarrow", "ray", "torch")}
 
 
 def run(cfg: PreprocessConfig) -> dict[str, Any]:
@@ -328,6 +327,13 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
         f"({totals['bytes'] / 1e6:.1f} MB) in {manifest['wall_seconds']:.1f} s; "
         f"{totals['subjects_failed']} failed; manifest: {output / 'manifest.json'}"
     )
+    failed = [s for s in manifest["subjects"] if s["status"] == "failed"]
+    if failed:  # finished subjects are kept; a re-run retries only these
+        first = failed[0]
+        raise DreamdiffError(
+            f"{len(failed)} subject(s) failed, e.g. {first['dataset']} subject {first['subject']}: {first['error']} "
+            f"(all listed in {output / 'manifest.json'}; re-run to retry them)"
+        )
     return manifest
 
 
@@ -345,9 +351,7 @@ def write_manifest(
         elif (task.dataset, task.subject) in failed:
             subjects.append(failed[(task.dataset, task.subject)])
     done = [s for s in subjects if s["status"] == "done"]
-    clipped = sorted(
-        {s["h_freq_used"] for s in done if s.get("h_freq_used", cfg.signal.h_freq) < cfg.signal.h_freq}
-    )
+    clipped = sorted({s["h_freq_used"] for s in done if s.get("h_freq_used", cfg.signal.h_freq) < cfg.signal.h_freq})
     manifest = {
         "config": json.loads(json.dumps(cfg.model_dump(mode="json"))),
         "versions": _versions(),

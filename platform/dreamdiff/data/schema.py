@@ -81,9 +81,7 @@ def to_table(columns: dict[str, Any], schema: pa.Schema) -> pa.Table:
             data = np.ascontiguousarray(value, dtype=field.type.value_type.to_pandas_dtype())
             expected = tuple(field.type.shape)
             if data.shape[1:] != expected:
-                raise ValueError(
-                    f"column {field.name!r}: expected rows of shape {expected}, got {data.shape[1:]}"
-                )
+                raise ValueError(f"column {field.name!r}: expected rows of shape {expected}, got {data.shape[1:]}")
             arrays.append(pa.FixedShapeTensorArray.from_numpy_ndarray(data))
         else:
             arrays.append(pa.array(value, type=field.type))

@@ -54,7 +54,8 @@ Noise (pink, alpha and line each have unit expected power per channel and sample
 
     x_noise = (sqrt(1.0) pink + sqrt(0.4) alpha + sqrt(0.05) line + blink) / sqrt(P_noise)
 
-* pink: 1/f power spectrum (DC removed), generated over ``1.25 T`` samples and cropped (not periodic),
+* pink: ``1/f^noise_exponent`` power spectrum (default 2, the steep end of scalp EEG; DC removed),
+  generated over ``1.25 T`` samples and cropped (not periodic),
   spatially correlated by ``Sigma^{1/2}`` with ``Sigma_cc' = 0.9 exp(-|e_c - e_c'| / 0.5) + 0.1 I``.
 * alpha: two occipital generators (left/right), each
   ``a (1 + 0.6 sin(2 pi f_m t + psi)) cos(2 pi f_a t + phi)`` with ``f_a`` = subject alpha
@@ -140,6 +141,9 @@ class SynthConfig(StrictModel):
     snr: float = Field(0.2, ge=0, description="expected signal power / expected noise power")
     num_sources: int = Field(8, ge=1)
     line_freq: float = Field(50.0, gt=0, description="Hz")
+    noise_exponent: float = Field(
+        2.0, ge=0, le=3, description="aperiodic background: power ~ 1/f**noise_exponent (scalp EEG: about 1-2)"
+    )
     blink_prob: float = Field(0.1, ge=0, le=1)
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     seed: int = Field(0, ge=0)
@@ -147,9 +151,7 @@ class SynthConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> SynthConfig:
         if any(f < 0 for f in self.split_fractions) or abs(sum(self.split_fractions) - 1.0) > 1e-6:
-            raise ValueError(
-                f"split_fractions must be 3 non-negative numbers summing to 1, got {self.split_fractions}"
-            )
+            raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, got {self.split_fractions}")
         if self.split_fractions[0] <= 0:
             raise ValueError("split_fractions[0] (train) must be > 0")
         if self.num_samples / self.sfreq < 0.4:
@@ -158,9 +160,7 @@ class SynthConfig(StrictModel):
                 "0.4 s to hold the evoked components (100-350 ms)"
             )
         if self.line_freq >= self.sfreq / 2:
-            raise ValueError(
-                f"line_freq ({self.line_freq} Hz) must be below Nyquist (sfreq / 2 = {self.sfreq / 2} Hz)"
-            )
+            raise ValueError(f"line_freq ({self.line_freq} Hz) must be below Nyquist (sfreq / 2 = {self.sfreq / 2} Hz)")
         return self
 
 
@@ -250,9 +250,7 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float, rot_deg: 
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
-def _texture_mask(
-    texture: str, size: int, cx: float, cy: float, r: float, rot_deg: float, freq: float
-) -> np.ndarray:
+def _texture_mask(texture: str, size: int, cx: float, cy: float, r: float, rot_deg: float, freq: float) -> np.ndarray:
     if texture == "solid":
         return np.ones((size, size), dtype=np.float32)
     grid = np.arange(size, dtype=np.float32) + 0.5
@@ -363,9 +361,7 @@ def _erp_model(cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
     j, n_l, f = cfg.num_sources, len(_LATENCIES_S), len(FEATURE_NAMES)
     common = rng.standard_normal((j, n_l))
     feat_map = rng.standard_normal((j, n_l, f)) * math.sqrt(3.0 / f)
-    direction = np.stack(
-        [rng.uniform(-0.8, 0.8, j), rng.uniform(-1.0, -0.2, j), rng.uniform(-0.1, 0.8, j)], 1
-    )
+    direction = np.stack([rng.uniform(-0.8, 0.8, j), rng.uniform(-1.0, -0.2, j), rng.uniform(-0.1, 0.8, j)], 1)
     moment = _unit(rng.standard_normal((j, 3)))
     return common, feat_map, _unit(direction), moment
 
@@ -374,14 +370,10 @@ def _components(cfg: SynthConfig, latency_shift: np.ndarray) -> np.ndarray:
     """g_l(t - shift): [n, L, T] float32 with latency_shift [n] in s."""
     t = np.arange(cfg.num_samples) / cfg.sfreq
     nominal = t[None] - _LATENCIES_S[:, None]
-    g0 = np.exp(-(nominal**2) / (2 * _WIDTHS_S[:, None] ** 2)) * np.cos(
-        2 * np.pi * _CARRIERS_HZ[:, None] * nominal
-    )
+    g0 = np.exp(-(nominal**2) / (2 * _WIDTHS_S[:, None] ** 2)) * np.cos(2 * np.pi * _CARRIERS_HZ[:, None] * nominal)
     norm = 1.0 / np.sqrt(np.mean(g0**2, axis=1))
     tau = t[None, None] - _LATENCIES_S[None, :, None] - latency_shift[:, None, None]
-    g = np.exp(-(tau**2) / (2 * _WIDTHS_S[None, :, None] ** 2)) * np.cos(
-        2 * np.pi * _CARRIERS_HZ[None, :, None] * tau
-    )
+    g = np.exp(-(tau**2) / (2 * _WIDTHS_S[None, :, None] ** 2)) * np.cos(2 * np.pi * _CARRIERS_HZ[None, :, None] * tau)
     return (g * norm[None, :, None]).astype(np.float32)
 
 
@@ -417,11 +409,11 @@ def _blink_power(cfg: SynthConfig, blink_map: np.ndarray) -> float:
 
 
 def _pink(cfg: SynthConfig, rng: np.random.Generator, n: int) -> np.ndarray:
-    """Spatially correlated 1/f noise, unit expected power, [n, C, T] float32."""
+    """Spatially correlated 1/f^noise_exponent noise, unit expected power, [n, C, T] float32."""
     n_fft = cfg.num_samples + cfg.num_samples // 4  # crop: the epoch is not periodic
     freqs = np.fft.rfftfreq(n_fft, 1.0 / cfg.sfreq)
     h = np.zeros_like(freqs)
-    h[1:-1] = 1.0 / np.sqrt(freqs[1:-1])
+    h[1:-1] = freqs[1:-1] ** (-cfg.noise_exponent / 2)
     h *= 1.0 / math.sqrt(4.0 / n_fft**2 * np.sum(h**2))
     shape = (n, cfg.num_channels, freqs.size)
     spec = rng.standard_normal(shape, dtype=np.float32) + 1j * rng.standard_normal(shape, dtype=np.float32)
@@ -462,18 +454,14 @@ def _synthesize(
         * np.cos(2 * np.pi * f_alpha * t + phases[..., 1:])
     ) * math.sqrt(2.0 / (1.0 + _ALPHA_DEPTH**2 / 2) / 2.0)
     noise += math.sqrt(_ALPHA_POWER) * np.matmul(model["alpha_maps"], gens.astype(np.float32))
-    line = math.sqrt(2.0 * _LINE_POWER) * np.sin(
-        2 * np.pi * cfg.line_freq * t + rng.uniform(0, 2 * np.pi, (n, 1))
-    )
+    line = math.sqrt(2.0 * _LINE_POWER) * np.sin(2 * np.pi * cfg.line_freq * t + rng.uniform(0, 2 * np.pi, (n, 1)))
     noise += model["line_gain"][None, :, None] * line[:, None, :].astype(np.float32)
     blink_on = rng.random(n) < cfg.blink_prob
     centres = rng.uniform(0.0, t[-1], n)
     peaks = _BLINK_PEAK * rng.uniform(0.6, 1.4, n) * blink_on
     blinks = peaks[:, None] * np.exp(-((t[None] - centres[:, None]) ** 2) / (2 * _BLINK_SIGMA_S**2))
     noise += model["blink_map"][None, :, None] * blinks[:, None, :].astype(np.float32)
-    p_noise = (
-        _PINK_POWER + _ALPHA_POWER + _LINE_POWER + cfg.blink_prob * _blink_power(cfg, model["blink_map"])
-    )
+    p_noise = _PINK_POWER + _ALPHA_POWER + _LINE_POWER + cfg.blink_prob * _blink_power(cfg, model["blink_map"])
     noise *= np.float32(1.0 / math.sqrt(p_noise))
 
     eeg += noise
@@ -491,9 +479,7 @@ def generate_subject(cfg: SynthConfig, subject: int) -> dict[str, np.ndarray]:
     """
     model = _subject_model(cfg, subject)
     order_rng = _rng(cfg.seed, _TAG_ORDER, subject)
-    images = np.concatenate([order_rng.permutation(_num_images(cfg)) for _ in range(cfg.repeats)]).astype(
-        np.int64
-    )
+    images = np.concatenate([order_rng.permutation(_num_images(cfg)) for _ in range(cfg.repeats)]).astype(np.int64)
     labels = images // cfg.images_per_class
     feats = _all_features(cfg)[images]
     n = len(images)

@@ -65,9 +65,7 @@ class FrozenClipImage(nn.Module):
 
 def _check_request(name: str, pretrained: str | None) -> None:
     if name not in open_clip.list_models():
-        raise DreamdiffError(
-            f"clip model {name!r} is unknown; available: {', '.join(open_clip.list_models())}"
-        )
+        raise DreamdiffError(f"clip model {name!r} is unknown; available: {', '.join(open_clip.list_models())}")
     if pretrained is None or os.path.isfile(pretrained):
         return
     tags = open_clip.list_pretrained_tags_by_model(name)
@@ -88,9 +86,7 @@ def load_clip_image_encoder(
     _check_request(name, pretrained)
     quick_gelu = bool(pretrained and open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu"))
     try:
-        model = open_clip.create_model(
-            name, pretrained=pretrained, force_quick_gelu=quick_gelu, device=device
-        )
+        model = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu, device=device)
     except RuntimeError as err:
         raise DreamdiffError(f"could not load clip {name!r} with weights {pretrained!r}: {err}") from err
     cfg = open_clip.get_model_config(name)
@@ -104,9 +100,7 @@ def save_random_clip(name: str, path: str | Path, seed: int = 0) -> Path:
     _check_request(name, None)
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise DreamdiffError(
-            f"clip checkpoint {path} must end in .safetensors (open_clip picks the loader by it)"
-        )
+        raise DreamdiffError(f"clip checkpoint {path} must end in .safetensors (open_clip picks the loader by it)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = open_clip.create_model(name, pretrained=None)

@@ -64,9 +64,7 @@ class EEGConditioner(nn.Module):
         self.proj = nn.Linear(embed_dim, context_dim)
         # Only created when used: a parameter that never receives a gradient breaks DDP, and a checkpoint
         # should not carry an untrained null context that guidance would then trust.
-        self.null = (
-            nn.Parameter(torch.randn(context_tokens, context_dim) * 0.02) if cond_drop_prob > 0 else None
-        )
+        self.null = nn.Parameter(torch.randn(context_tokens, context_dim) * 0.02) if cond_drop_prob > 0 else None
 
     @classmethod
     def from_config(cls, cfg: ConditionerConfig, *, embed_dim: int, num_tokens: int = 128) -> EEGConditioner:
@@ -124,7 +122,5 @@ def clip_alignment_loss(pred: Tensor, target: Tensor) -> Tensor:
     Cosine ignores scale, so the target may be a raw or an L2-normalised CLIP embedding.
     """
     if pred.shape != target.shape or pred.ndim != 2:
-        raise ValueError(
-            f"pred and target must both be [batch, dim], got {list(pred.shape)}, {list(target.shape)}"
-        )
+        raise ValueError(f"pred and target must both be [batch, dim], got {list(pred.shape)}, {list(target.shape)}")
     return (1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)).mean()

@@ -64,14 +64,10 @@ class TinyDiffusionConfig(StrictModel):
         for field in ("block_out_channels", "vae_block_out_channels"):
             bad = [c for c in getattr(self, field) if c % self.norm_num_groups]
             if bad:
-                raise ValueError(
-                    f"{field} {bad} must be multiples of norm_num_groups ({self.norm_num_groups})"
-                )
+                raise ValueError(f"{field} {bad} must be multiples of norm_num_groups ({self.norm_num_groups})")
         factor = self.vae_factor * 2 ** (len(self.block_out_channels) - 1)
         if self.sample_size % factor:
-            raise ValueError(
-                f"sample_size ({self.sample_size}) must be divisible by {factor} (the downsampling)"
-            )
+            raise ValueError(f"sample_size ({self.sample_size}) must be divisible by {factor} (the downsampling)")
         return self
 
     @property
@@ -174,23 +170,17 @@ def load_sd_components(
         if has["vae"]:
             vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **_LOW_MEM)
     except OSError as err:
-        hint = (
-            "" if Path(source).is_dir() else " (a hub id needs the hub or a filled cache; or give a folder)"
-        )
+        hint = "" if Path(source).is_dir() else " (a hub id needs the hub or a filled cache; or give a folder)"
         raise DreamdiffError(f"could not load base_model {base_model!r}{hint}: {err}") from err
     unet.to(device)
     if vae is None:
         return SDComponents(unet, None, noise_scheduler, 1.0, unet.config.sample_size)
     vae.requires_grad_(False).eval().to(device)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    return SDComponents(
-        unet, vae, noise_scheduler, vae.config.scaling_factor, unet.config.sample_size * factor
-    )
+    return SDComponents(unet, vae, noise_scheduler, vae.config.scaling_factor, unet.config.sample_size * factor)
 
 
-def select_trainable(
-    unet: UNet2DConditionModel, mode: Literal["cross_attention", "all", "none"]
-) -> list[str]:
+def select_trainable(unet: UNet2DConditionModel, mode: Literal["cross_attention", "all", "none"]) -> list[str]:
     """Freeze the UNet except `mode`'s parameters; return their sorted names.
 
     "cross_attention" is the paper's choice: the cross-attention (`attn2`) and the LayerNorm before it
@@ -247,9 +237,7 @@ def diffusion_loss(
     `context` [B, tokens, cross_attention_dim], MSE against the scheduler's prediction target (epsilon:
     the paper's loss). `generator` must live on the latents' device."""
     b = latents.shape[0]
-    t = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (b,), device=latents.device, generator=generator
-    )
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=latents.device, generator=generator)
     noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=generator)
     noisy = noise_scheduler.add_noise(latents, noise, t)
     kind = noise_scheduler.config.prediction_type
@@ -260,8 +248,6 @@ def diffusion_loss(
     elif kind == "sample":
         target = latents
     else:
-        raise DreamdiffError(
-            f"scheduler prediction_type {kind!r} is not one of epsilon, v_prediction, sample"
-        )
+        raise DreamdiffError(f"scheduler prediction_type {kind!r} is not one of epsilon, v_prediction, sample")
     pred = unet(noisy, t, encoder_hidden_states=context.to(noisy.dtype)).sample
     return F.mse_loss(pred.float(), target.float())

@@ -36,14 +36,23 @@ _SIZE_FIELDS = (
 # patch 4; see `msm_param_counts`. The reference code's own setting is `large` with mlp_ratio 1.0.
 PRESETS: dict[str, dict[str, Any]] = {
     # 302.8 M (paper: ~297 M); decoder 26.0 M; 328.8 M in all (BENCHMARKS.md: 329 M).
-    "large": dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0,
-                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    "large": dict(
+        embed_dim=1024,
+        depth=24,
+        num_heads=16,
+        mlp_ratio=4.0,
+        decoder_embed_dim=512,
+        decoder_depth=8,
+        decoder_num_heads=16,
+    ),
     # 17.9 M (paper: 18.3 M); decoder 3.4 M.
-    "small": dict(embed_dim=384, depth=10, num_heads=6, mlp_ratio=4.0,
-                  decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8),
+    "small": dict(
+        embed_dim=384, depth=10, num_heads=6, mlp_ratio=4.0, decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8
+    ),
     # 0.13 M, decoder 0.03 M: tests and the CPU demo.
-    "tiny": dict(embed_dim=64, depth=2, num_heads=4, mlp_ratio=4.0,
-                 decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2),
+    "tiny": dict(
+        embed_dim=64, depth=2, num_heads=4, mlp_ratio=4.0, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2
+    ),
 }
 
 
@@ -83,9 +92,7 @@ class MSMConfig(StrictModel):
     @model_validator(mode="after")
     def _check_shapes(self) -> MSMConfig:
         if self.num_samples % self.patch_size:
-            raise ValueError(
-                f"num_samples ({self.num_samples}) must be divisible by patch_size ({self.patch_size})"
-            )
+            raise ValueError(f"num_samples ({self.num_samples}) must be divisible by patch_size ({self.patch_size})")
         for dim, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
             width, count = getattr(self, dim), getattr(self, heads)
             if width % count:
@@ -283,9 +290,7 @@ class MSMDecoder(nn.Module):
         self.embed = nn.Linear(cfg.embed_dim, d)
         self.mask_token = nn.Parameter(torch.zeros(d))
         self.register_buffer("pos_embed", sincos_positions(d, cfg.num_tokens), persistent=False)
-        self.blocks = nn.ModuleList(
-            Block(d, cfg.decoder_num_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth)
-        )
+        self.blocks = nn.ModuleList(Block(d, cfg.decoder_num_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth))
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.pred = nn.Linear(d, cfg.patch_size * cfg.num_channels)
         self.apply(_init_linear)

@@ -77,8 +77,12 @@ def plot_reconstructions(
             for start, stop in spans:
                 ax.axvspan(start, stop, color="0.88", lw=0)
             ax.plot(original[row, channel], color="k", lw=0.7, label="original")
-            ax.plot(recon[row, channel].masked_fill(~masked, float("nan")), color="tab:red", lw=0.9,
-                    label="reconstruction (masked spans)")
+            ax.plot(
+                recon[row, channel].masked_fill(~masked, float("nan")),
+                color="tab:red",
+                lw=0.9,
+                label="reconstruction (masked spans)",
+            )
             ax.set_title(f"window {row}, channel {channel}", fontsize=8)
             ax.tick_params(labelsize=7)
     axes[0, 0].legend(fontsize=7, loc="upper right")

@@ -14,6 +14,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
+from dreamdiff.models.msm import masked_mse, patchify, zero_channels
 from dreamdiff.train.optim import set_lr
 
 MicroBatch = Tensor | Mapping[str, Tensor]
@@ -80,6 +81,7 @@ def msm_train_step(
 
 
 @torch.no_grad()
+@torch.no_grad()
 def msm_eval_loss(
     model: nn.Module,
     batch: MicroBatch,
@@ -101,3 +103,15 @@ def msm_eval_loss(
         return out.loss.item()
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def zero_prediction_loss(model: nn.Module, batch: MicroBatch, *, generator: torch.Generator | None = None) -> float:
+    """The masked loss of predicting all zeros on the same masks: the floor a model must get well below."""
+    inner = getattr(model, "module", model)
+    device = _device_of(inner, None)
+    eeg, channel_mask = _unpack(batch, device)
+    out = inner(eeg, channel_mask=channel_mask, generator=generator)
+    target = patchify(zero_channels(eeg, channel_mask), inner.cfg.patch_size)
+    zeros = torch.zeros_like(out.pred)
+    return masked_mse(zeros, target, out.mask, channel_mask, inner.cfg.norm_target).item()

@@ -53,9 +53,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def warmup_cosine(
-    step: int, warmup_steps: int, total_steps: int, base_lr: float, min_lr: float = 0.0
-) -> float:
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, base_lr: float, min_lr: float = 0.0) -> float:
     """Linear warm-up to base_lr over warmup_steps (step 0 already trains), then cosine to min_lr at
     total_steps; min_lr after that."""
     if step < warmup_steps:

@@ -1,0 +1,318 @@
+"""The pretrain stage: masked signal modeling on Ray Train (TorchTrainer, DDP), resumable.
+
+The driver (`run`) splits the shard files into train and held-out subjects, starts a
+TorchTrainer and exports the encoder at the end. Each worker (`train_loop`) reads its shard of
+the data with `get_dataset_shard`, calls the plain step function `msm_train_step`, and reports
+metrics every `log_every_steps` and a checkpoint every `checkpoint.every_steps`. Re-running the
+same config into the same output folder resumes from the last checkpoint (Ray Train restores
+the run from its storage folder): same step count, optimizer state and learning rate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from dreamdiff.config import PretrainConfig, record_config
+from dreamdiff.data.augment import random_crop_resize, random_scale
+from dreamdiff.data.reader import TRAIN_COLUMNS, shard_files
+from dreamdiff.errors import DreamdiffError
+from dreamdiff.models.msm import build_msm
+from dreamdiff.train.checkpoint import STATE_FILE, load_training_state, save_model, save_training_state, unwrap
+from dreamdiff.train.msm_plot import plot_reconstructions
+from dreamdiff.train.msm_step import msm_eval_loss, msm_train_step, zero_prediction_loss
+from dreamdiff.train.optim import WarmupCosine, build_optimizer
+
+log = logging.getLogger(__name__)
+
+ENCODER_FILE = "msm.safetensors"
+METRICS_FILE = "metrics.jsonl"
+FAILED_ONCE = ".injected_failure"
+
+
+# ------------------------------------------------------------------------------- per worker
+
+
+def _micro_batch_size(cfg: PretrainConfig, world: int) -> int:
+    return cfg.batch_size // (world * cfg.optim.grad_accum)
+
+
+def steps_per_epoch(cfg: PretrainConfig, rows: int, world: int) -> int:
+    """Optimizer steps per epoch: each worker sees rows // world rows in whole micro-batches."""
+    return (rows // world) // _micro_batch_size(cfg, world) // cfg.optim.grad_accum
+
+
+def _augment(eeg: torch.Tensor, cfg: PretrainConfig, generator: torch.Generator) -> torch.Tensor:
+    low, high = cfg.augment.scale
+    if cfg.augment.max_crop == 0 and low == high == 1.0:
+        return eeg
+    eeg = random_crop_resize(eeg.float(), cfg.augment.max_crop, generator)
+    return random_scale(eeg, low, high, generator) if (low, high) != (1.0, 1.0) else eeg
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker: build, maybe restore, train, report."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = PretrainConfig.model_validate(config["cfg"])
+    output = Path(config["output"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    use_bf16 = cfg.precision == "bf16" and device.type == "cuda"
+
+    torch.manual_seed(cfg.seed)
+    model = build_msm(cfg.model).to(device)
+    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
+    position = {"step": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # this run restarted (failure or re-run): Ray hands back its latest checkpoint
+        with checkpoint.as_directory() as folder:
+            position = load_training_state(folder, model, optimizer)
+    elif config["resume_from"]:  # a new run continuing another one
+        position = load_training_state(config["resume_from"], model, optimizer)
+    if rank == 0 and position["step"]:
+        log.info("resumed at step %d", position["step"])
+    model = ray.train.torch.prepare_model(model)
+
+    micro = _micro_batch_size(cfg, world)
+    per_epoch = steps_per_epoch(cfg, config["rows"], world)
+    total = per_epoch * cfg.epochs
+    schedule = WarmupCosine(cfg.optim.lr, cfg.optim.warmup_steps, total, cfg.optim.min_lr)
+    val = {k: torch.as_tensor(v) for k, v in config["val"].items()}
+    val_seed = cfg.seed + 12345  # the same masks at every evaluation, so val losses compare
+    zero_loss = zero_prediction_loss(model, val, generator=torch.Generator().manual_seed(val_seed))
+    shard = ray.train.get_dataset_shard("train")
+    aug_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+
+    step = position["step"]
+    window: list[dict[str, float]] = []
+    data_wait = 0.0  # seconds spent waiting for input since the last report: input-bound if large
+    tick, tick_step = time.perf_counter(), step
+    for epoch in range(step // per_epoch, cfg.epochs):
+        done_in_epoch = step - epoch * per_epoch  # > 0 when resuming in the middle of an epoch
+        batches = iter(
+            shard.iter_torch_batches(
+                batch_size=micro,
+                drop_last=True,
+                local_shuffle_buffer_size=4 * micro,
+                local_shuffle_seed=cfg.seed + 7919 * epoch + rank,
+            )
+        )
+        for index in range(per_epoch):
+            waited = time.perf_counter()
+            group = [next(batches) for _ in range(cfg.optim.grad_accum)]
+            data_wait += time.perf_counter() - waited
+            if index < done_in_epoch:
+                continue  # already trained before the restart: consume the data, keep the order
+            for item in group:
+                item["eeg"] = _augment(item["eeg"], cfg, aug_gen)
+            stats = msm_train_step(
+                model,
+                optimizer,
+                group,
+                lr=schedule(step),
+                grad_clip=cfg.optim.grad_clip,
+                autocast_dtype=torch.bfloat16 if use_bf16 else None,
+                device=device,
+            )
+            step += 1
+            window.append(stats)
+            if cfg.inject_failure_at_step == step and rank == 0 and not (output / FAILED_ONCE).exists():
+                (output / FAILED_ONCE).touch()
+                raise RuntimeError(f"injected failure at step {step} (config inject_failure_at_step)")
+            save = step % cfg.checkpoint.every_steps == 0 or step == total
+            if step % cfg.log_every_steps and not save:
+                continue
+            elapsed = time.perf_counter() - tick
+            metrics = {
+                "step": step,
+                "epoch": epoch + (index + 1) / per_epoch,
+                "loss": float(np.mean([w["loss"] for w in window])),
+                "grad_norm": float(np.mean([w["grad_norm"] for w in window])),
+                "lr": stats["lr"],
+                "samples_per_s": (step - tick_step) * cfg.batch_size / max(elapsed, 1e-9),
+                "data_wait_fraction": data_wait / max(elapsed, 1e-9),
+                "val_loss": msm_eval_loss(model, val, device=device, generator=torch.Generator().manual_seed(val_seed)),
+                "val_loss_zero_prediction": zero_loss,
+                "resumed_at": position["step"],
+            }
+            window, tick, tick_step, data_wait = [], time.perf_counter(), step, 0.0
+            _log(metrics, output, rank)
+            if save:  # a Ray Train report is a barrier across workers: only with checkpoints
+                _report(metrics, model, optimizer, rank)
+        last_epoch = epoch == cfg.epochs - 1
+        if rank == 0 and ((epoch + 1) % cfg.plot_every_epochs == 0 or last_epoch):
+            plot = output / "plots" / f"reconstruction-epoch{epoch + 1:04d}.png"
+            _plot(unwrap(model), val, plot, f"epoch {epoch + 1}", val_seed)
+    if rank == 0:
+        save_model(model, output / ENCODER_FILE, metadata={"step": str(step), "preset": str(cfg.model.preset)})
+
+
+def _log(metrics: dict[str, float], output: Path, rank: int) -> None:
+    """Rank 0 appends to metrics.jsonl and logs a line."""
+    if rank != 0:
+        return
+    with open(output / METRICS_FILE, "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    log.info(
+        "step %d  epoch %.2f  loss %.4f  val %.4f  lr %.2e  %.0f samples/s",
+        metrics["step"],
+        metrics["epoch"],
+        metrics["loss"],
+        metrics["val_loss"],
+        metrics["lr"],
+        metrics["samples_per_s"],
+    )
+
+
+def _report(metrics: dict[str, float], model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> None:
+    """Every worker reports (Ray Train needs the same number of calls from each); rank 0 attaches the checkpoint."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        save_training_state(folder, model, optimizer, {"step": int(metrics["step"])})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _plot(model: torch.nn.Module, val: dict[str, torch.Tensor], path: Path, title: str, seed: int) -> None:
+    n = min(4, len(val["eeg"]))
+    mask = val["channel_mask"][:n].bool()
+    plot_reconstructions(
+        model,
+        val["eeg"][:n].float(),
+        path,
+        channel_mask=mask,
+        generator=torch.Generator().manual_seed(seed),
+        title=title,
+    )
+
+
+# ------------------------------------------------------------------------------------ driver
+
+
+def split_files(files: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    """Hold out every k-th shard file (whole subjects, in practice) for validation."""
+    if fraction == 0 or len(files) < 2:
+        return files, files[:1]
+    every = max(2, round(1 / fraction))
+    val = files[every - 1 :: every] or files[-1:]
+    return [f for f in files if f not in val], val
+
+
+def read_rows(files: list[str], n: int) -> dict[str, np.ndarray]:
+    """The first `n` rows of the training columns (a fixed validation batch)."""
+    tables = []
+    for file in files:
+        tables.append(pq.read_table(file, columns=list(TRAIN_COLUMNS)))
+        if sum(t.num_rows for t in tables) >= n:
+            break
+    table = pa.concat_tables(tables).slice(0, n)
+    return {name: table.column(name).combine_chunks().to_numpy_ndarray() for name in TRAIN_COLUMNS}
+
+
+def latest_checkpoint(run_folder: str | Path) -> Path | None:
+    """The newest checkpoint Ray Train kept for a pretrain run folder."""
+    found = sorted(p.parent for p in (Path(run_folder) / "ray" / "train").glob(f"checkpoint_*/{STATE_FILE}"))
+    return found[-1] if found else None
+
+
+def _resume_folder(resume_from: str | None) -> str | None:
+    if resume_from is None:
+        return None
+    path = Path(resume_from)
+    if (path / STATE_FILE).is_file():
+        return str(path.resolve())
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise DreamdiffError(f"resume_from: {resume_from} is neither a checkpoint nor a pretrain run with one")
+    return str(latest.resolve())
+
+
+def _cache(cfg: PretrainConfig, files: list[str]) -> bool:
+    """Keep the decoded windows in Ray's object store when they fit comfortably (auto: under 25%)."""
+    import ray
+
+    if cfg.cache_data != "auto":
+        return cfg.cache_data == "yes"
+    decoded = sum(pq.ParquetFile(f).metadata.num_rows for f in files) * 128 * cfg.model.num_samples * 2
+    return decoded < 0.25 * ray.available_resources().get("object_store_memory", 0)
+
+
+def run(cfg: PretrainConfig) -> dict[str, Any]:
+    """Train (or resume) an MSM run; returns the last metrics. The encoder lands in <output>/msm.safetensors."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from dreamdiff.ray_init import init_ray
+
+    output = Path(cfg.output).resolve()
+    train_files, val_files = split_files(shard_files(cfg.data), cfg.val_fraction)
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in train_files)
+    world = max(1, cfg.scaling.num_workers)
+    if cfg.batch_size % (world * cfg.optim.grad_accum):
+        raise DreamdiffError(
+            f"batch_size: {cfg.batch_size} must divide evenly into {world} worker(s) x "
+            f"{cfg.optim.grad_accum} accumulation step(s)"
+        )
+    if steps_per_epoch(cfg, rows, world) == 0:
+        raise DreamdiffError(f"batch_size: {cfg.batch_size} is larger than the {rows} training rows in {cfg.data}")
+    resume_from = _resume_folder(cfg.resume_from)
+    record_config(cfg, output)
+    init_ray(cfg.ray)
+    dataset = ray.data.read_parquet(train_files, columns=list(TRAIN_COLUMNS)).randomize_block_order(seed=cfg.seed)
+    dataset.context.enable_progress_bars = False  # the loop logs its own progress, per step
+    if _cache(cfg, train_files):
+        dataset = dataset.materialize()  # read once: later epochs iterate the object store
+    loop_config = {
+        "cfg": cfg.model_dump(mode="json"),
+        "rows": rows,
+        "output": str(output),
+        "val": read_rows(val_files, cfg.val_rows),
+        "resume_from": resume_from,
+    }
+    log.info(
+        "pretrain: %d training windows from %d files, %d held-out files, %d worker(s), %d steps/epoch",
+        rows,
+        len(train_files),
+        len(val_files),
+        world,
+        steps_per_epoch(cfg, rows, world),
+    )
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name="train",
+            storage_path=str(output / "ray"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        ),
+        datasets={"train": dataset},
+    )
+    metrics = dict(trainer.fit().metrics or {})
+    print(
+        f"pretrain: step {metrics.get('step')}  loss {metrics.get('loss', float('nan')):.4f}  "
+        f"val {metrics.get('val_loss', float('nan')):.4f} (zero prediction "
+        f"{metrics.get('val_loss_zero_prediction', float('nan')):.4f}); weights: {output / ENCODER_FILE}"
+    )
+    return metrics
