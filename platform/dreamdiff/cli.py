@@ -45,9 +45,11 @@ STAGES: dict[str, Stage] = {
     "finetune": Stage(
         "Stable Diffusion + CLIP alignment fine-tuning on paired EEG-image shards",
         "Condition Stable Diffusion on the EEG encoder and train encoder, conditioner and cross-attention "
-        "with the epsilon loss plus the CLIP image-embedding alignment loss.",
+        "with the epsilon loss plus the CLIP image-embedding alignment loss on a TorchTrainer (DDP, bf16 on GPU). "
+        "VAE latents and CLIP image embeddings are precomputed once by Ray Data; checkpoints and resume; writes "
+        "the generator checkpoint (generator/) and a preview grid (plots/preview.png).",
         "finetune-demo.yaml",
-        None,
+        "dreamdiff.train.finetune:run",
         5,
     ),
     "sweep": Stage(
@@ -68,9 +70,10 @@ STAGES: dict[str, Stage] = {
     "evaluate": Stage(
         "the paper's n-way top-k and image metrics",
         "Generate images for held-out EEG and score them: n-way top-k with a pluggable classifier, CLIP "
-        "similarity, SSIM/PCC, retrieval; every figure records its split protocol.",
+        "similarity, SSIM/PCC, EEG->image retrieval, FID where asked; every figure records its split protocol. "
+        "Writes results.json, report.html and generated/ under the output folder.",
         "evaluate-demo.yaml",
-        None,
+        "dreamdiff.eval.evaluate:run",
         5,
     ),
     "demo": Stage(

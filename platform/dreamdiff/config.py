@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dreamdiff.configbase import StrictModel
 from dreamdiff.data.synthetic import SynthConfig
 from dreamdiff.errors import DreamdiffError
+from dreamdiff.models.conditioner import ConditionerConfig
+from dreamdiff.models.diffusion import TinyDiffusionConfig
 from dreamdiff.models.msm import MSMConfig
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -197,25 +199,111 @@ class PretrainConfig(StrictModel):
 # --------------------------------------------------------------------------------- finetune
 
 
-class FinetuneConfig(StrictModel):
-    """Stable Diffusion conditioned on the EEG encoder, with the CLIP alignment loss."""
+class PrecomputeSection(StrictModel):
+    """The Ray Data job that runs the frozen VAE encoder and CLIP image tower once per training row, instead of
+    on every step as the reference does (dreamdiff.train.precompute)."""
 
-    data: str = Field(description="folder of paired shards")
-    output: str
-    base_model: str = Field(description="SD 1.5 id or local folder, or a tiny model folder")
-    encoder_checkpoint: str | None = Field(default=None, description="MSM run folder; None = from scratch")
-    trainable: Literal["cross_attention", "all", "none"] = "cross_attention"
-    clip_model: str = "ViT-L-14"
-    clip_pretrained: str | None = "openai"
-    clip_weight: float = Field(default=1.0, ge=0)
-    optim: OptimSection = OptimSection(lr=5.3e-5, weight_decay=0.0)
+    actors: int = Field(default=1, ge=1, description="actor pool size; each actor loads both models once")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per actor; 0 runs the frozen models on CPU")
+    cpus_per_actor: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=32, ge=1, description="images per model call")
+
+
+class PreviewSection(StrictModel):
+    """The grid rank 0 draws at the end of fine-tuning: held-out stimuli beside images generated from their EEG."""
+
+    split: str = Field(default="val", description="a held-out split of the paired shards")
+    eegs: int = Field(default=4, ge=0, description="EEGs shown, distinct classes first; 0 = no preview")
+    images_per_eeg: int = Field(default=3, ge=1)
+    steps: int = Field(default=20, ge=1, description="DPM-Solver++ steps (the paper samples PLMS x 250)")
+
+
+class FinetuneConfig(StrictModel):
+    """Stable Diffusion conditioned on the EEG encoder, with the CLIP alignment loss.
+
+    The base model is either `base_model` (SD 1.5 id or local folder: the paper's setting, with `trainable:
+    cross_attention`) or `tiny_sd` (no pretrained SD at hand: a random tiny SD of those sizes is built once into
+    <output>/tiny-sd and trained in full, `trainable: all`). Defaults are the reference implementation's.
+    """
+
+    data: str = Field(description="folder of paired shards (epoch-only shards below it are ignored)")
+    output: str = Field(description="run folder: precomputed/, checkpoints, metrics, generator/, plots/")
+    base_model: str | None = Field(default=None, description="SD 1.5 id or local SD-layout folder; null with tiny_sd")
+    tiny_sd: TinyDiffusionConfig | None = Field(
+        default=None,
+        validate_default=True,
+        description="sizes of a random tiny SD built into <output>/tiny-sd and used as the base model",
+    )
+    encoder_checkpoint: str | None = Field(
+        default=None,
+        description="pretrain run folder (its msm.safetensors, sizes from its config.yaml); null = from scratch",
+    )
+    encoder: MSMConfig | None = Field(
+        default=None,
+        validate_default=True,
+        description="encoder sizes: needed from scratch; with a checkpoint they must match its run",
+    )
+    trainable: Literal["cross_attention", "all", "none"] = Field(
+        default="cross_attention", description="UNet parameters trained (paper: cross_attention = attn2 + norm2)"
+    )
+    conditioner: ConditionerConfig = Field(
+        default=ConditionerConfig(), description="context_dim = the UNet's cross_attention_dim, clip_dim = CLIP's"
+    )
+    clip_model: str = Field(default="ViT-L-14", description="open_clip model of the frozen image tower")
+    clip_pretrained: str | None = Field(
+        default="openai",
+        description="a tag or a checkpoint file; null = random weights seeded by `seed`, saved as "
+        "<output>/clip-random.safetensors (the demo's offline stand-in)",
+    )
+    clip_weight: float = Field(default=1.0, ge=0, description="weight of the CLIP alignment loss; 0 = ablation")
+    train_splits: list[str] = Field(default=["train"], min_length=1, description="paired-shard splits trained on")
+    optim: OptimSection = Field(
+        # reference: torch AdamW defaults (betas 0.9/0.999, wd 0.01), constant lr 5.3e-5, Lightning grad clip 0.5
+        default=OptimSection(lr=5.3e-5, min_lr=5.3e-5, betas=(0.9, 0.999), weight_decay=0.01, grad_clip=0.5)
+    )
     epochs: int = Field(default=300, ge=1)
-    batch_size: int = Field(default=8, ge=1)
-    precision: Literal["fp32", "bf16"] = "bf16"
-    seed: int = 2022
+    batch_size: int = Field(default=16, ge=1, description="global batch, split across workers (reference: 16)")
+    precision: Literal["fp32", "bf16"] = Field(default="bf16", description="bf16 autocast on GPU; CPU runs fp32")
+    seed: int = Field(default=2022, ge=0)
+    log_every_steps: int = Field(default=20, ge=1)
     checkpoint: CheckpointSection = CheckpointSection()
+    max_failures: int = Field(default=0, ge=-1, description="restarts from the last checkpoint (-1: always)")
+    inject_failure_at_step: int | None = Field(
+        default=None, ge=1, description="test hook: rank 0 raises once at this step, to exercise recovery"
+    )
+    precompute: PrecomputeSection = PrecomputeSection()
+    preview: PreviewSection = PreviewSection()
     scaling: ScalingSection = ScalingSection()
     ray: RayInitConfig = RayInitConfig()
+
+    # Field validators, not one model validator, so that an error names its key (fields are validated in order).
+    @field_validator("tiny_sd")
+    @classmethod
+    def _one_base(cls, value: TinyDiffusionConfig | None, info: ValidationInfo) -> TinyDiffusionConfig | None:
+        if (info.data.get("base_model") is None) == (value is None):
+            raise ValueError("give exactly one of base_model (an SD folder or id) and tiny_sd (sizes of a tiny SD)")
+        return value
+
+    @field_validator("encoder")
+    @classmethod
+    def _encoder_sizes(cls, value: MSMConfig | None, info: ValidationInfo) -> MSMConfig | None:
+        if value is None and info.data.get("encoder_checkpoint") is None:
+            raise ValueError("give the encoder sizes (e.g. {preset: large}) when encoder_checkpoint is null")
+        return value
+
+    @field_validator("optim")
+    @classmethod
+    def _no_accumulation(cls, value: OptimSection) -> OptimSection:
+        if value.grad_accum != 1:
+            raise ValueError("grad_accum must be 1 for fine-tuning; raise batch_size or the number of workers")
+        return value
+
+    @field_validator("preview")
+    @classmethod
+    def _held_out(cls, value: PreviewSection, info: ValidationInfo) -> PreviewSection:
+        if value.eegs and value.split in info.data.get("train_splits", []):
+            raise ValueError(f"split {value.split!r} is trained on; choose a held-out split")
+        return value
 
 
 # ------------------------------------------------------------------------------------ sweep
@@ -258,20 +346,53 @@ class ServeConfig(StrictModel):
 
 
 class EvaluateConfig(StrictModel):
-    """The paper's n-way top-k and the image metrics, with their split protocol."""
+    """The paper's n-way top-k and the image metrics, with their split protocol (one process, no Ray).
 
-    checkpoint: str
-    data: str
-    output: str
+    Defaults are the paper's protocol (50-way top-1, 50 trials, 5 samples per EEG, no guidance) except the
+    sampler: DPM-Solver++ with 25 steps, which matches the reference PLMS at 250 steps in far less time; set
+    sampler=plms steps=250 to reproduce the reference exactly.
+    """
+
+    checkpoint: str = Field(description="generator checkpoint folder (generator.json + generator.safetensors)")
+    data: str = Field(description="folder of paired shards (epoch-only shards below it are ignored)")
+    output: str = Field(description="folder for results.json, report.html and generated/")
     classifier: str = Field(description="'vit_h_14_swag' or a saved classifier folder")
+    train_classifier_if_missing: bool = Field(
+        default=False,
+        description="SynthEEG-Image only: if the classifier folder is missing, train a SmallCNN on the synthetic "
+        "TRAIN-split stimuli (config read from the shards' preprocess record) and save it there",
+    )
     protocol: Literal["by_image", "by_block", "leave_subject_out"] = "by_image"
+    test_blocks: int = Field(default=1, ge=1, description="by_block: last blocks of each subject held out")
+    test_subject: int | None = Field(default=None, description="leave_subject_out: the held-out subject")
+    max_eeg: int | None = Field(default=None, ge=1, description="cap on test EEGs (a seeded random subset)")
     n_way: int = Field(default=50, ge=2)
     top_k: int = Field(default=1, ge=1)
     trials: int = Field(default=50, ge=1)
     samples_per_eeg: int = Field(default=5, ge=1)
+    sampler: Literal["dpm++", "ddim", "plms"] = Field(default="dpm++", description="paper: plms, 250 steps")
     steps: int = Field(default=25, ge=1)
-    seed: int = 0
-    ray: RayInitConfig = RayInitConfig()
+    guidance_scale: float = Field(default=1.0, ge=0, description="1.0 = no classifier-free guidance (paper)")
+    clip_model: str | None = Field(
+        default="ViT-L-14", description="open_clip model for CLIP similarity and retrieval; null skips both"
+    )
+    clip_pretrained: str = Field(
+        default="openai", description="its weights: a tag or a checkpoint file (the generator's CLIP head target)"
+    )
+    fid: bool = Field(default=False, description="FID (torchmetrics InceptionV3: needs torch-fidelity + weights)")
+    batch_size: int = Field(default=8, ge=1, description="EEGs per generation call; images per classifier / CLIP call")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = Field(default="bf16", description="bf16 autocast on GPU; CPU runs fp32")
+    report_eegs: int = Field(default=8, ge=1, description="EEGs shown in the report's image grid")
+    seed: int = Field(default=0, ge=0, description="sampling noise, trial draws and the max_eeg subset")
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluateConfig:
+        if self.top_k >= self.n_way:
+            raise ValueError(f"top_k ({self.top_k}) must be below n_way ({self.n_way})")
+        if self.protocol == "leave_subject_out" and self.test_subject is None:
+            raise ValueError("protocol 'leave_subject_out' needs test_subject (the held-out subject id)")
+        return self
 
 
 # ------------------------------------------------------------------------------------- demo

@@ -66,8 +66,7 @@ def test_two_ddp_workers_learn_well_below_zero_prediction(shards: Path, tmp_path
     zero = lines[-1]["val_loss_zero_prediction"]
     assert lines[-1]["val_loss"] < 0.8 * zero, (lines[0], lines[-1])
     assert lines[-1]["val_loss"] < lines[0]["val_loss"]
-    assert lines[0]["lr"] < lines[1]["lr"]  # warm-up, then cosine down to the end
-    assert lines[-1]["lr"] < max(line["lr"] for line in lines)
+    assert max(line["lr"] for line in lines) <= 3e-3 and lines[-1]["lr"] < 0.01 * 3e-3  # cosine down to ~0
     # the encoder is exported in safetensors and loads into the encoder alone
     weights = load_file(str(tmp_path / "run" / ENCODER_FILE))
     encoder = MSMEncoder(cfg.model)

@@ -69,6 +69,11 @@ def plan(cfg: PreprocessConfig) -> list[SubjectTask]:
                 for subject in moabb_source.subjects(dataset, source.subjects, name):
                     tasks.append(SubjectTask(index, name, subject, "epochs"))
         elif isinstance(source, SynthSource):
+            if source.synth.num_samples != cfg.signal.window:
+                raise DreamdiffError(
+                    f"sources[{index}].synth.num_samples ({source.synth.num_samples}) must equal "
+                    f"signal.window ({cfg.signal.window}): synthetic trials are generated at that length"
+                )
             name = "SynthEEG-Image" if source.labeled else "SynthEEG"
             kind = "paired" if source.labeled else "epochs"
             tasks += [SubjectTask(index, name, s, kind) for s in range(source.synth.num_subjects)]

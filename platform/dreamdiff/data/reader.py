@@ -29,4 +29,4 @@ def shard_files(path: str | Path) -> list[str]:
 
 def read_epochs(path: str | Path, columns: Sequence[str] = TRAIN_COLUMNS) -> ray.data.Dataset:
     """The epochs under `path` as a Ray Dataset (EEG as float16 [128, T] tensors)."""
-    return ray.data.read_parquet(shard_files(path), columns=list(columns))
+    return ray.data.read_parquet(shard_files(path)).select_columns(list(columns))

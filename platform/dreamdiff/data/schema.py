@@ -5,6 +5,9 @@ Two row kinds share one set of epoch columns:
 * epoch rows (pretraining): one EEG window plus where it came from;
 * paired rows (fine-tuning, evaluation): an epoch plus the stimulus image and its labels.
 
+A third, precomputed rows (fine-tuning input, see dreamdiff.train.precompute), keeps a paired row's
+EEG and labels and replaces the image by the frozen VAE's latents and CLIP's image embedding.
+
 EEG is a fixed-shape tensor column (Arrow's canonical ``arrow.fixed_shape_tensor``) stored as
 float16 [channels, samples]: half the bytes of float32, and Ray Data reads it straight into
 numpy / torch batches. The channel mask (True = a real electrode, not a repeat or an
@@ -66,6 +69,31 @@ def paired_schema(num_channels: int = 128, num_samples: int = 512) -> pa.Schema:
         pa.field("block", pa.int32(), nullable=False),
     ]
     return pa.schema([*epoch_schema(num_channels, num_samples), *extra])
+
+
+PRECOMPUTED_COLUMNS = ("epoch_id", "eeg", "channel_mask", "image_id", "label", "split", "latents", "clip_embedding")
+
+
+def precomputed_schema(
+    latent_shape: tuple[int, int, int], clip_dim: int, num_channels: int = 128, num_samples: int = 512
+) -> pa.Schema:
+    """A fine-tuning row with the frozen models' outputs stored beside its EEG (written once, read every epoch).
+
+    `latents` [c, h, w] is what the UNet diffuses (scaled VAE posterior mean, or the image in [-1, 1] in pixel
+    space); `clip_embedding` [clip_dim] the L2-normalised CLIP image embedding of the stimulus. Both float16.
+    """
+    return pa.schema(
+        [
+            pa.field("epoch_id", pa.string(), nullable=False),
+            pa.field("eeg", eeg_type(num_channels, num_samples), nullable=False),
+            pa.field("channel_mask", pa.fixed_shape_tensor(pa.uint8(), [num_channels]), nullable=False),
+            pa.field("image_id", pa.string(), nullable=False),
+            pa.field("label", pa.int32(), nullable=False),
+            pa.field("split", pa.string(), nullable=False),
+            pa.field("latents", pa.fixed_shape_tensor(pa.float16(), list(latent_shape)), nullable=False),
+            pa.field("clip_embedding", pa.fixed_shape_tensor(pa.float16(), [clip_dim]), nullable=False),
+        ]
+    )
 
 
 def to_table(columns: dict[str, Any], schema: pa.Schema) -> pa.Table:

@@ -274,7 +274,9 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     resume_from = _resume_folder(cfg.resume_from)
     record_config(cfg, output)
     init_ray(cfg.ray)
-    dataset = ray.data.read_parquet(train_files, columns=list(TRAIN_COLUMNS)).randomize_block_order(seed=cfg.seed)
+    dataset = (
+        ray.data.read_parquet(train_files).select_columns(list(TRAIN_COLUMNS)).randomize_block_order(seed=cfg.seed)
+    )
     dataset.context.enable_progress_bars = False  # the loop logs its own progress, per step
     if _cache(cfg, train_files):
         dataset = dataset.materialize()  # read once: later epochs iterate the object store

@@ -1,0 +1,482 @@
+"""The finetune stage: Stable Diffusion conditioned on the EEG encoder, plus CLIP alignment, on Ray Train.
+
+The driver (`run`) checks every input before any work (data, encoder checkpoint, base model, CLIP, sizes),
+builds the offline stand-ins the config asks for (a tiny SD in <output>/tiny-sd, a seeded random CLIP in
+<output>/clip-random.safetensors), has Ray Data compute the frozen models' outputs once (train/precompute.py,
+into <output>/precomputed/) and starts a TorchTrainer. Each worker (`train_loop`) builds the `EEGDiffusion` on
+the base SD, reads its shard of the precomputed rows with `get_dataset_shard`, calls the plain step function
+`finetune_train_step` (bf16 autocast on CUDA), appends to metrics.jsonl every `log_every_steps` and reports to
+Ray Train only with a checkpoint (every `checkpoint.every_steps` and at the end). Re-running the same config
+into the same output folder resumes from the last checkpoint. At the end rank 0 writes the generator
+checkpoint (only the trained tensors + the base model id) into <output>/generator/ and a preview grid (held-out
+stimuli beside images generated from their EEG) into <output>/plots/preview.png.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+import yaml
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors import safe_open
+
+from dreamdiff.config import FinetuneConfig, PreviewSection, record_config
+from dreamdiff.data.reader import shard_files
+from dreamdiff.data.schema import PAIRED_COLUMNS
+from dreamdiff.errors import DreamdiffError
+from dreamdiff.models.clip import _check_request, save_random_clip
+from dreamdiff.models.diffusion import build_tiny_sd, load_sd_components
+from dreamdiff.models.eeg_diffusion import ENCODER_PREFIX, GeneratorSpec, build_eeg_diffusion
+from dreamdiff.models.generator import Generator, save_generator
+from dreamdiff.models.msm import MSMConfig, MSMEncoder
+from dreamdiff.report import image_grid
+from dreamdiff.train.checkpoint import load_training_state, unwrap
+from dreamdiff.train.finetune_step import build_finetune_optimizer, finetune_train_step
+from dreamdiff.train.optim import WarmupCosine
+from dreamdiff.train.precompute import FrozenModels, decode_images, precompute
+from dreamdiff.train.pretrain import ENCODER_FILE, FAILED_ONCE, METRICS_FILE, _report
+
+log = logging.getLogger(__name__)
+
+GENERATOR_DIR = "generator"
+PRECOMPUTED_DIR = "precomputed"
+TINY_SD_DIR = "tiny-sd"
+RANDOM_CLIP_FILE = "clip-random.safetensors"
+PREVIEW_FILE = "preview.png"
+TRAIN_COLUMNS = ("eeg", "channel_mask", "latents", "clip_embedding")
+_SIZE_FIELDS = ("num_channels", "num_samples", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+
+
+# ------------------------------------------------------------------------------- per worker
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker: build, maybe restore, train, report; rank 0 exports the generator and a preview."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = FinetuneConfig.model_validate(config["cfg"])
+    spec = GeneratorSpec.model_validate(config["spec"])
+    output = Path(config["output"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    autocast = torch.bfloat16 if cfg.precision == "bf16" and device.type == "cuda" else None
+
+    torch.manual_seed(cfg.seed)
+    components = load_sd_components(spec.base_model, device)
+    model = build_eeg_diffusion(spec, components, config["encoder_weights"])
+    optimizer = build_finetune_optimizer(model, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
+    if cfg.clip_weight == 0:  # the head gets no gradient (the ablation); DDP rejects parameters that never get one
+        model.clip_head.requires_grad_(False)
+    position = {"step": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # this run restarted (failure or re-run): Ray hands back its latest checkpoint
+        with checkpoint.as_directory() as folder:
+            position = load_training_state(folder, model, optimizer)
+        if rank == 0:
+            log.info("resumed at step %d", position["step"])
+    model = ray.train.torch.prepare_model(model)
+
+    micro = cfg.batch_size // world
+    per_epoch = steps_per_epoch(cfg, config["rows"], world)
+    total = per_epoch * cfg.epochs
+    schedule = WarmupCosine(cfg.optim.lr, cfg.optim.warmup_steps, total, cfg.optim.min_lr)
+    shard = ray.train.get_dataset_shard("train")
+    step = position["step"]
+    torch.manual_seed(cfg.seed + 1_000_003 * rank + step)  # timesteps and noise: fresh after a restart, per worker
+
+    window: list[dict[str, float]] = []
+    data_wait = 0.0
+    tick, tick_step = time.perf_counter(), step
+    for epoch in range(step // per_epoch, cfg.epochs):
+        done_in_epoch = step - epoch * per_epoch  # > 0 when resuming in the middle of an epoch
+        batches = iter(
+            shard.iter_torch_batches(
+                batch_size=micro,
+                drop_last=True,
+                local_shuffle_buffer_size=4 * micro,
+                local_shuffle_seed=cfg.seed + 7919 * epoch + rank,
+            )
+        )
+        for index in range(per_epoch):
+            waited = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - waited
+            if index < done_in_epoch:
+                continue  # already trained before the restart: consume the data, keep the order
+            batch["clip_target"] = batch.pop("clip_embedding")
+            stats = finetune_train_step(
+                model,
+                components.noise_scheduler,
+                optimizer,
+                batch,
+                lr=schedule(step),
+                grad_clip=cfg.optim.grad_clip,
+                clip_weight=cfg.clip_weight,
+                autocast_dtype=autocast,
+                device=device,
+            )
+            step += 1
+            window.append(stats)
+            if cfg.inject_failure_at_step == step and rank == 0 and not (output / FAILED_ONCE).exists():
+                (output / FAILED_ONCE).touch()
+                raise RuntimeError(f"injected failure at step {step} (config inject_failure_at_step)")
+            save = step % cfg.checkpoint.every_steps == 0 or step == total
+            if step % cfg.log_every_steps and not save:
+                continue
+            elapsed = max(time.perf_counter() - tick, 1e-9)
+            metrics = {
+                "step": step,
+                "epoch": epoch + (index + 1) / per_epoch,
+                **{k: float(np.mean([w[k] for w in window])) for k in ("loss", "sd_loss", "clip_loss", "grad_norm")},
+                "lr": stats["lr"],
+                "samples_per_s": (step - tick_step) * cfg.batch_size / elapsed,
+                "data_wait_fraction": data_wait / elapsed,
+                "resumed_at": position["step"],
+            }
+            window, tick, tick_step, data_wait = [], time.perf_counter(), step, 0.0
+            _log(metrics, output, rank)
+            if save:  # a Ray Train report is a barrier across workers: only with checkpoints
+                _report(metrics, model, optimizer, rank)
+    if rank == 0:
+        inner = unwrap(model)
+        save_generator(inner, spec, output / GENERATOR_DIR, info={"step": step, **config["provenance"]})
+        if config["preview"]:
+            _preview(Generator(inner, components, autocast), config["preview"], cfg, output / "plots" / PREVIEW_FILE)
+
+
+def steps_per_epoch(cfg: FinetuneConfig, rows: int, world: int) -> int:
+    """Optimizer steps per epoch: each worker sees rows // world rows in whole micro-batches."""
+    return (rows // world) // (cfg.batch_size // world)
+
+
+def _log(metrics: dict[str, float], output: Path, rank: int) -> None:
+    """Rank 0 appends to metrics.jsonl and logs a line."""
+    if rank != 0:
+        return
+    with open(output / METRICS_FILE, "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    log.info(
+        "step %d  epoch %.2f  loss %.4f (sd %.4f, clip %.4f)  lr %.2e  %.1f samples/s",
+        metrics["step"],
+        metrics["epoch"],
+        metrics["loss"],
+        metrics["sd_loss"],
+        metrics["clip_loss"],
+        metrics["lr"],
+        metrics["samples_per_s"],
+    )
+
+
+def _preview(generator: Generator, rows: dict[str, Any], cfg: FinetuneConfig, path: Path) -> None:
+    """One row per held-out EEG: its stimulus, then `images_per_eeg` images generated from the EEG."""
+    n = cfg.preview.images_per_eeg
+    generated = generator.generate(
+        torch.as_tensor(rows["eeg"]).float(),
+        num_images=n,
+        steps=cfg.preview.steps,
+        seed=cfg.seed,
+        channel_mask=torch.as_tensor(rows["channel_mask"]).bool(),
+    )
+    images, labels = [], []
+    for stimulus, name, samples in zip(rows["image"], rows["class_name"], generated, strict=True):
+        images += [stimulus, *samples]
+        labels += [f"stimulus: {name}", *(f"from EEG #{j + 1}" for j in range(n))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(np.stack(images), labels, path, columns=n + 1)
+
+
+# ------------------------------------------------------------------------------------ driver
+
+
+@dataclass(frozen=True)
+class BaseShape:
+    """What the driver must know of the base model before loading it: read from its config files alone."""
+
+    cross_attention_dim: int
+    image_size: int
+    latent_shape: tuple[int, int, int]
+
+
+def paired_files(data: str | Path) -> list[str]:
+    """The finished shard files under `data` that hold pairs; epoch-only shards beside them are ignored."""
+    files = [f for f in shard_files(data) if set(PAIRED_COLUMNS) <= set(pq.read_schema(f).names)]
+    if not files:
+        raise DreamdiffError(f"data: {data} holds no paired shards (EEG + image); preprocess a paired source into it")
+    return files
+
+
+def split_counts(files: list[str]) -> dict[str, int]:
+    """Rows per split over `files` (reads the split column only)."""
+    counts: dict[str, int] = {}
+    for file in files:
+        for item in pc.value_counts(pq.read_table(file, columns=["split"]).column("split")).to_pylist():
+            counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+    return counts
+
+
+def resolve_encoder(cfg: FinetuneConfig) -> tuple[MSMConfig, str | None]:
+    """The encoder's sizes and its weights file (None = from scratch), checked against each other without
+    loading the weights (safetensors headers only)."""
+    if cfg.encoder_checkpoint is None:
+        assert cfg.encoder is not None  # FinetuneConfig's validator
+        return cfg.encoder, None
+    given = Path(cfg.encoder_checkpoint)
+    weights = given / ENCODER_FILE if given.is_dir() else given
+    if not weights.is_file():
+        raise DreamdiffError(
+            f"encoder_checkpoint: {cfg.encoder_checkpoint} holds no {ENCODER_FILE}; expected a finished pretrain run "
+            "folder (or its msm.safetensors), or null to train the encoder from scratch"
+        )
+    record = weights.parent / "config.yaml"
+    recorded = MSMConfig.model_validate(yaml.safe_load(record.read_text())["model"]) if record.is_file() else None
+    msm = recorded or cfg.encoder
+    if msm is None:
+        raise DreamdiffError(f"encoder: {weights} has no config.yaml beside it; give the encoder sizes in `encoder`")
+    if recorded and cfg.encoder and _sizes(recorded) != _sizes(cfg.encoder):
+        raise DreamdiffError(
+            f"encoder: sizes {_sizes(cfg.encoder)} differ from those of the pretrain run {_sizes(recorded)} "
+            f"({record}); leave `encoder` out or match them"
+        )
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in MSMEncoder(msm).state_dict().items()}
+    with safe_open(str(weights), "pt") as f:
+        found = {
+            k.removeprefix(ENCODER_PREFIX): tuple(f.get_slice(k).get_shape())
+            for k in f.keys()
+            if k.startswith(ENCODER_PREFIX)
+        }
+    if found != expected:
+        wrong = sorted(set(found.items()) ^ set(expected.items()))[:3]
+        raise DreamdiffError(f"encoder_checkpoint: {weights} does not fit encoder sizes {_sizes(msm)} (e.g. {wrong})")
+    return msm, str(weights.resolve())
+
+
+def _sizes(msm: MSMConfig) -> dict[str, Any]:
+    return {k: getattr(msm, k) for k in _SIZE_FIELDS}
+
+
+def base_shape(cfg: FinetuneConfig) -> BaseShape:
+    """Cross-attention width, image size and latent shape of the base model, from its configs (no weights)."""
+    if cfg.tiny_sd is not None:
+        t = cfg.tiny_sd
+        side = t.sample_size // t.vae_factor
+        return BaseShape(t.cross_attention_dim, t.sample_size, (t.in_channels, side, side))
+    base = str(cfg.base_model)
+    local = Path(base).expanduser()
+    try:
+        unet = UNet2DConditionModel.load_config(base, subfolder="unet")
+        has_vae = (local / "vae").is_dir() if local.is_dir() else True
+        vae = AutoencoderKL.load_config(base, subfolder="vae") if has_vae else None
+    except OSError as err:
+        raise DreamdiffError(
+            f"base_model: cannot read {base!r} ({str(err).splitlines()[0]}); expected a Stable Diffusion folder "
+            "(unet/, scheduler/, vae/) or a Hugging Face id whose weights are reachable"
+        ) from None
+    factor = 2 ** (len(vae["block_out_channels"]) - 1) if vae else 1
+    side = unet["sample_size"]
+    return BaseShape(unet["cross_attention_dim"], side * factor, (unet["in_channels"], side, side))
+
+
+def _clip_dim(cfg: FinetuneConfig) -> int:
+    """Check the CLIP model name and weights tag (no weights loaded); its embedding width."""
+    _check_request(cfg.clip_model, cfg.clip_pretrained)
+    return int(open_clip.get_model_config(cfg.clip_model)["embed_dim"])
+
+
+def read_preview(files: list[str], section: PreviewSection, image_size: int) -> dict[str, Any]:
+    """Up to `section.eegs` rows of the preview split, distinct classes first: EEG, mask, stimulus, class name."""
+    candidates = []  # (label, file, row) of every row of the split, in file order
+    for file in files:
+        index = pq.read_table(file, columns=["split", "label"]).to_pydict()
+        pairs = zip(index["split"], index["label"], strict=True)
+        candidates += [(label, file, i) for i, (split, label) in enumerate(pairs) if split == section.split]
+    first_of_class: dict[int, tuple[int, str, int]] = {}
+    for candidate in candidates:
+        first_of_class.setdefault(candidate[0], candidate)
+    firsts = list(first_of_class.values())
+    picked = (firsts + [c for c in candidates if c not in firsts])[: section.eegs]
+    columns: dict[str, list] = {"eeg": [], "channel_mask": [], "image": [], "class_name": []}
+    for file in dict.fromkeys(f for _, f, _ in picked):
+        table = pq.read_table(file, columns=list(columns)).take([i for _, f, i in picked if f == file])
+        for name in ("eeg", "channel_mask"):
+            columns[name] += list(table.column(name).combine_chunks().to_numpy_ndarray())
+        for name in ("image", "class_name"):
+            columns[name] += table.column(name).to_pylist()
+    return {
+        "eeg": np.stack(columns["eeg"]),
+        "channel_mask": np.stack(columns["channel_mask"]),
+        "image": decode_images(columns["image"], image_size),
+        "class_name": columns["class_name"],
+    }
+
+
+def _check_inputs(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Everything that can be wrong with the input, found before any work; returns what the run needs."""
+    files = paired_files(cfg.data)
+    counts = split_counts(files)
+    rows = sum(counts.get(s, 0) for s in cfg.train_splits)
+    world = max(1, cfg.scaling.num_workers)
+    if cfg.batch_size % world:
+        raise DreamdiffError(f"batch_size: {cfg.batch_size} must divide evenly into {world} worker(s)")
+    if steps_per_epoch(cfg, rows, world) == 0:
+        raise DreamdiffError(
+            f"batch_size: {cfg.batch_size} is larger than the {rows} rows of split(s) {cfg.train_splits} in {cfg.data} "
+            f"(splits found: {counts})"
+        )
+    if cfg.preview.eegs and not counts.get(cfg.preview.split):
+        raise DreamdiffError(
+            f"preview.split: no rows of split {cfg.preview.split!r} in {cfg.data} (found {sorted(counts)}); "
+            "choose another or set preview.eegs=0"
+        )
+    msm, weights = resolve_encoder(cfg)
+    eeg_shape = tuple(pq.read_schema(files[0]).field("eeg").type.shape)
+    if eeg_shape != (msm.num_channels, msm.num_samples):
+        raise DreamdiffError(
+            f"encoder: takes EEG [{msm.num_channels}, {msm.num_samples}] but the shards in {cfg.data} hold "
+            f"{list(eeg_shape)}"
+        )
+    shape = base_shape(cfg)
+    if cfg.conditioner.context_dim != shape.cross_attention_dim:
+        raise DreamdiffError(
+            f"conditioner.context_dim: {cfg.conditioner.context_dim} must equal the base model's UNet "
+            f"cross_attention_dim ({shape.cross_attention_dim})"
+        )
+    clip_dim = _clip_dim(cfg)
+    if cfg.conditioner.clip_dim != clip_dim:
+        raise DreamdiffError(
+            f"conditioner.clip_dim: {cfg.conditioner.clip_dim} must equal the embedding width of CLIP "
+            f"{cfg.clip_model!r} ({clip_dim})"
+        )
+    return {"files": files, "rows": rows, "msm": msm, "weights": weights, "shape": shape, "clip_dim": clip_dim}
+
+
+def _base_model(cfg: FinetuneConfig, output: Path) -> str:
+    """The base model's id or absolute folder; with `tiny_sd`, the tiny SD built (once) into <output>/tiny-sd."""
+    if cfg.tiny_sd is None:
+        local = Path(str(cfg.base_model)).expanduser()
+        return str(local.resolve()) if local.is_dir() else str(cfg.base_model)
+    folder = output / TINY_SD_DIR
+    if not folder.is_dir():
+        staging = output / f".{TINY_SD_DIR}.tmp"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            build_tiny_sd(cfg.tiny_sd, staging)
+        os.replace(staging, folder)  # whole or absent: a killed build is redone
+    return str(folder)
+
+
+def _clip_weights(cfg: FinetuneConfig, output: Path) -> str | None:
+    """The CLIP weights tag or file; None in the config means a seeded random tower saved into the run folder."""
+    if cfg.clip_pretrained is not None:
+        local = Path(cfg.clip_pretrained)
+        return str(local.resolve()) if local.is_file() else cfg.clip_pretrained
+    path = output / RANDOM_CLIP_FILE
+    if not path.is_file():
+        save_random_clip(cfg.clip_model, path.with_name(f".{path.name}.tmp.safetensors"), seed=cfg.seed)
+        os.replace(path.with_name(f".{path.name}.tmp.safetensors"), path)
+    return str(path)
+
+
+def _cache(files: list[str]) -> bool:
+    """Keep the training rows in Ray's object store when they fit comfortably (under 25%)."""
+    import ray
+
+    meta = [pq.ParquetFile(f).metadata for f in files]
+    decoded = sum(m.row_group(i).total_byte_size for m in meta for i in range(m.num_row_groups))
+    return decoded < 0.25 * ray.available_resources().get("object_store_memory", 0)
+
+
+def run(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune (or resume); returns the last reported metrics. The generator lands in <output>/generator/."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from dreamdiff.ray_init import init_ray
+
+    output = Path(cfg.output).resolve()
+    checked = _check_inputs(cfg)
+    record_config(cfg, output)
+    base_model = _base_model(cfg, output)
+    clip_weights = _clip_weights(cfg, output)
+    shape: BaseShape = checked["shape"]
+    init_ray(cfg.ray)
+    models = FrozenModels(
+        base_model, cfg.clip_model, clip_weights, shape.image_size, shape.latent_shape, checked["clip_dim"]
+    )
+    pre = precompute(checked["files"], output / PRECOMPUTED_DIR, models, cfg.train_splits, cfg.precompute)
+    dataset = ray.data.read_parquet(pre.files).select_columns(list(TRAIN_COLUMNS))
+    dataset = dataset.randomize_block_order(seed=cfg.seed)
+    dataset.context.enable_progress_bars = False  # the loop logs its own progress, per step
+    if _cache(pre.files):
+        dataset = dataset.materialize()  # read once: later epochs iterate the object store
+    spec = GeneratorSpec(
+        base_model=base_model,
+        msm=checked["msm"],
+        conditioner=cfg.conditioner,
+        trainable=cfg.trainable,
+        image_size=shape.image_size,
+    )
+    provenance = {
+        "encoder_init": checked["weights"] or "scratch",
+        "clip_model": cfg.clip_model,
+        "clip_pretrained": clip_weights,
+        "clip_weight": cfg.clip_weight,
+        "train_splits": cfg.train_splits,
+        "train_rows": pre.rows,
+    }
+    loop_config = {
+        "cfg": cfg.model_dump(mode="json"),
+        "spec": spec.model_dump(mode="json"),
+        "output": str(output),
+        "rows": pre.rows,
+        "encoder_weights": checked["weights"],
+        "preview": read_preview(checked["files"], cfg.preview, shape.image_size) if cfg.preview.eegs else None,
+        "provenance": provenance,
+    }
+    world = max(1, cfg.scaling.num_workers)
+    log.info(
+        "finetune: %d training rows (%s), %d worker(s), %d steps/epoch, encoder %s, base model %s",
+        pre.rows,
+        "precomputed earlier" if pre.skipped else "precomputed now",
+        world,
+        steps_per_epoch(cfg, pre.rows, world),
+        provenance["encoder_init"],
+        base_model,
+    )
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name="train",
+            storage_path=str(output / "ray"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        ),
+        datasets={"train": dataset},
+    )
+    metrics = dict(trainer.fit().metrics or {})
+    print(
+        f"finetune: step {metrics.get('step')}  loss {metrics.get('loss', float('nan')):.4f} "
+        f"(sd {metrics.get('sd_loss', float('nan')):.4f}, clip {metrics.get('clip_loss', float('nan')):.4f}); "
+        f"generator: {output / GENERATOR_DIR}"
+    )
+    return metrics
