@@ -373,11 +373,14 @@ class EvaluateConfig(StrictModel):
     sampler: Literal["dpm++", "ddim", "plms"] = Field(default="dpm++", description="paper: plms, 250 steps")
     steps: int = Field(default=25, ge=1)
     guidance_scale: float = Field(default=1.0, ge=0, description="1.0 = no classifier-free guidance (paper)")
+    clip_metrics: bool = Field(default=True, description="CLIP similarity and EEG->image retrieval")
     clip_model: str | None = Field(
-        default="ViT-L-14", description="open_clip model for CLIP similarity and retrieval; null skips both"
+        default=None,
+        description="open_clip model for both; null = the one the checkpoint was fine-tuned against (its "
+        "generator.json info), else ViT-L-14",
     )
-    clip_pretrained: str = Field(
-        default="openai", description="its weights: a tag or a checkpoint file (the generator's CLIP head target)"
+    clip_pretrained: str | None = Field(
+        default=None, description="its weights, a tag or a file; null = the checkpoint's record, else 'openai'"
     )
     fid: bool = Field(default=False, description="FID (torchmetrics InceptionV3: needs torch-fidelity + weights)")
     batch_size: int = Field(default=8, ge=1, description="EEGs per generation call; images per classifier / CLIP call")

@@ -84,9 +84,11 @@ def world(ray_local: None, tmp_path_factory: pytest.TempPathFactory, one_thread:
         conditioner=ConditionerConfig(context_dim=64, clip_dim=64),
         image_size=16,
     )
-    save_generator(build_eeg_diffusion(spec, load_sd_components(str(sd))), spec, root / "generator")
+    clip = save_random_clip("dreamdiff-tiny", root / "clip.safetensors", seed=0)
+    # what the finetune stage records beside the weights: the CLIP it aligned to and the splits it trained on
+    info = {"clip_model": "dreamdiff-tiny", "clip_pretrained": str(clip), "train_splits": ["train"]}
+    save_generator(build_eeg_diffusion(spec, load_sd_components(str(sd))), spec, root / "generator", info=info)
     save_classifier(train_synthetic_classifier(SYNTH, epochs=30, seed=0), root / "classifier")
-    save_random_clip("dreamdiff-tiny", root / "clip.safetensors", seed=0)
     return {
         "root": root,
         "shards": root / "shards",
@@ -107,8 +109,6 @@ def _config(world: dict[str, Path], output: str, **kw: object) -> EvaluateConfig
         "trials": 50,
         "samples_per_eeg": 2,
         "steps": 8,
-        "clip_model": "dreamdiff-tiny",
-        "clip_pretrained": str(world["clip"]),
         "device": "cpu",
         "report_eegs": 4,
     }
@@ -221,6 +221,8 @@ def test_untrained_generator_scores_near_chance_with_a_full_record(world: dict[s
     assert saved["num_eeg"] == n and saved["samples_per_eeg"] == 2 and saved["seed"] == 0
     assert saved["protocol"]["name"] == "by_image" and "by_image" in saved["protocol"]["description"]
     assert saved["classifier"]["spec"] == str(world["classifier"]) and saved["classifier"]["num_classes"] == 8
+    assert saved["clip"]["source"] == "checkpoint" and saved["clip"]["pretrained"] == str(world["clip"])
+    assert saved["protocol"]["test_rows_seen_in_finetuning"] == 0  # by_image: no test row is of a train split
     for name in METRICS:
         figure = saved["metrics"][name]
         assert {"value", "chance", "chance_is", "protocol", "seed", "num_eeg", "samples_per_eeg"} <= set(figure), name
@@ -257,7 +259,8 @@ def test_cheating_image_source_scores_near_one(world: dict[str, Path]) -> None:
     def cheat(batch: GenerationBatch) -> np.ndarray:
         return np.stack([np.stack([by_epoch[e]] * batch.num_images) for e in batch.epoch_ids])
 
-    cfg = _config(world, "cheat", protocol="by_block", max_eeg=12, batch_size=5)
+    clip = {"clip_model": "dreamdiff-tiny", "clip_pretrained": str(world["clip"])}  # named here, not inherited
+    cfg = _config(world, "cheat", protocol="by_block", max_eeg=12, batch_size=5, **clip)
     results = run(cfg, image_source=cheat)
     metrics = results["metrics"]
     assert results["generation"]["source"] == "injected image source"
@@ -265,12 +268,14 @@ def test_cheating_image_source_scores_near_one(world: dict[str, Path]) -> None:
     assert metrics["ssim"]["value"] > 0.99 and metrics["pcc"]["value"] > 0.99
     assert metrics["clip_similarity"]["value"] > 0.99 > metrics["clip_similarity"]["chance"]
     assert results["num_eeg"] == 12 and results["protocol"]["num_test_rows"] == 2 * LAST_BLOCK_TRIALS
+    assert results["clip"]["source"] == "config"
+    assert results["protocol"]["test_rows_seen_in_finetuning"] > 0  # the last blocks hold train-split rows too
 
 
 def test_missing_classifier_is_trained_on_the_synthetic_train_split(world: dict[str, Path]) -> None:
     folder = world["root"] / "new-classifier"
     cfg = _config(
-        world, "trained-judge", classifier=str(folder), train_classifier_if_missing=True, max_eeg=4, clip_model=None
+        world, "trained-judge", classifier=str(folder), train_classifier_if_missing=True, max_eeg=4, clip_metrics=False
     )
     results = run(cfg)
     assert results["classifier"]["trained_now"] and "train-split" in results["classifier"]["trained_on"]

@@ -116,7 +116,7 @@ def test_precompute_stores_latents_and_embeddings_once(shards: Path, tmp_path: P
     image = torch.from_numpy(decode_images([source["image"][row]], 16)).permute(0, 3, 1, 2)
     latent = encode_images(load_sd_components(str(base)), image.float() / 127.5 - 1, sample=False)[0]
     stored = table.column("latents").combine_chunks().to_numpy_ndarray()
-    torch.testing.assert_close(torch.from_numpy(stored[0]).float(), latent, atol=2e-3, rtol=1e-2)
+    torch.testing.assert_close(torch.tensor(stored[0]).float(), latent, atol=2e-3, rtol=1e-2)
     embedding = table.column("clip_embedding").combine_chunks().to_numpy_ndarray().astype(np.float32)
     expected = load_clip_image_encoder("dreamdiff-tiny", str(clip))(image)[0]
     torch.testing.assert_close(torch.from_numpy(embedding[0]), expected, atol=2e-3, rtol=1e-2)

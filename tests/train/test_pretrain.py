@@ -76,7 +76,9 @@ def test_two_ddp_workers_learn_well_below_zero_prediction(shards: Path, tmp_path
         "reconstruction-epoch0025.png",
         "reconstruction-epoch0050.png",
     ]
-    assert latest_checkpoint(tmp_path / "run") is not None
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    assert checkpoint is not None and (checkpoint / "config.yaml").is_file()
+    assert not list(checkpoint.glob("*.pt")) and not list(checkpoint.glob("*.pkl"))  # safetensors + JSON only
     assert (tmp_path / "run" / "config.yaml").exists()
 
 

@@ -46,7 +46,6 @@ from PIL import Image, ImageOps
 from torch import Tensor, nn
 
 from dreamdiff.config import EvaluateConfig, read_yaml, record_config, validate_config
-from dreamdiff.data.reader import shard_files
 from dreamdiff.data.synthetic import SynthConfig, render_image
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.eval import metrics
@@ -59,7 +58,7 @@ from dreamdiff.eval.classifier import (
 )
 from dreamdiff.eval.splits import Split, split_rows
 from dreamdiff.models.clip import FrozenClipImage, load_clip_image_encoder
-from dreamdiff.models.generator import Generator
+from dreamdiff.models.generator import SPEC_FILE, Generator
 from dreamdiff.report import image_grid, write_report
 
 log = logging.getLogger(__name__)
@@ -68,6 +67,7 @@ META_COLUMNS = ("epoch_id", "dataset", "subject", "block", "split", "image_id", 
 SYNTH_DATASET = "SynthEEG-Image"
 MIN_SSIM_SIDE = 6  # SSIM's 11-px Gaussian window pads by 5 px per side
 RETRIEVAL_KS = (1, 5)
+PAPER_CLIP = ("ViT-L-14", "openai")
 
 
 # ----------------------------------------------------------------------------------------- reading rows
@@ -76,6 +76,8 @@ RETRIEVAL_KS = (1, 5)
 def read_paired_meta(data: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:
     """The paired shard files under ``data`` and their rows' metadata, sorted by epoch_id (so selections do not
     depend on how rows were sharded); ``_file`` / ``_row`` locate each row. Epoch-only shards are ignored."""
+    from dreamdiff.data.reader import shard_files  # imports Ray: keep the scoring core importable without it
+
     files = [f for f in shard_files(data) if "image" in pq.read_schema(f).names]
     if not files:
         raise DreamdiffError(f"data: {data} holds no paired shards (rows with an image column); give paired shards")
@@ -407,6 +409,8 @@ def _train_classifier(
             f"{sorted(set(meta['dataset'][test].tolist()))}; for ImageNet-EEG use classifier: {VIT_H14_SWAG}"
         )
     synth, record = _synth_config(Path(cfg.data))
+    if cfg.n_way > synth.num_classes:
+        raise DreamdiffError(f"n_way ({cfg.n_way}) exceeds the {synth.num_classes} classes of the synthetic set")
     position = int(synth_rows[0])
     image_id = str(meta["image_id"][test[position]])
     with Image.open(io.BytesIO(rows["image"][position])) as image:
@@ -439,6 +443,34 @@ def _classifier(
     return classifier, info
 
 
+def _checkpoint_info(checkpoint: str) -> dict[str, Any]:
+    """What fine-tuning recorded beside the weights (generator.json "info": CLIP, train splits, step...)."""
+    return json.loads((Path(checkpoint) / SPEC_FILE).read_text()).get("info") or {}
+
+
+def _clip(
+    cfg: EvaluateConfig, info: dict[str, Any], device: torch.device
+) -> tuple[FrozenClipImage | None, dict[str, Any]]:
+    """The frozen CLIP tower of the CLIP metrics and what to record about it. Retrieval is only meaningful in
+    the space the generator's CLIP head was aligned to, so the checkpoint's own CLIP is the default."""
+    if not cfg.clip_metrics:
+        return None, {"skipped": "clip_metrics is false"}
+    recorded = (info.get("clip_model"), info.get("clip_pretrained"))
+    if cfg.clip_model is None and recorded[0]:
+        model, source = recorded[0], "checkpoint"
+    else:
+        model, source = cfg.clip_model or PAPER_CLIP[0], "config" if cfg.clip_model else "paper default"
+    pretrained = cfg.clip_pretrained or (recorded[1] if model == recorded[0] and recorded[1] else PAPER_CLIP[1])
+    clip = load_clip_image_encoder(model, pretrained, device)
+    return clip, {"model": model, "pretrained": pretrained, "source": source, "embed_dim": clip.embed_dim}
+
+
+def _seen_in_finetuning(info: dict[str, Any], splits: np.ndarray) -> int | None:
+    """How many test rows belong to the splits the checkpoint was fine-tuned on (None: not recorded)."""
+    trained = info.get("train_splits")
+    return None if trained is None else int(np.isin(splits, list(trained)).sum())
+
+
 # ------------------------------------------------------------------------------------------ the stage
 
 
@@ -451,15 +483,15 @@ def _select(cfg: EvaluateConfig, meta: dict[str, np.ndarray]) -> tuple[Split, np
     return split, test
 
 
-def _retrieval_skip_reason(cfg: EvaluateConfig, clip: FrozenClipImage | None, generator: Generator) -> str | None:
+def _retrieval_skip_reason(clip: FrozenClipImage | None, clip_info: dict[str, Any], generator: Generator) -> str | None:
     """Why EEG -> image retrieval cannot run (None: it can): it needs the CLIP space the head was aligned to."""
     head_dim = generator.spec.conditioner.clip_dim
     if clip is None:
-        return "clip_model is null"
+        return clip_info["skipped"]
     if clip.embed_dim != head_dim:
         return (
-            f"CLIP {cfg.clip_model} embeds in {clip.embed_dim} dims, the generator's CLIP head in {head_dim}: name "
-            "the CLIP the generator was fine-tuned against"
+            f"CLIP {clip_info['model']} embeds in {clip.embed_dim} dims, the generator's CLIP head in {head_dim}: "
+            "name the CLIP the generator was fine-tuned against"
         )
     return None
 
@@ -546,9 +578,15 @@ def run(cfg: EvaluateConfig, image_source: ImageSource | None = None) -> dict[st
     rows = load_rows(files, meta, test)
     autocast = torch.bfloat16 if device.type == "cuda" and cfg.precision == "bf16" else None
     generator = Generator.load(cfg.checkpoint, device, autocast_dtype=autocast)
+    if image_source is None and cfg.guidance_scale != 1.0 and generator.model.conditioner.null is None:
+        raise DreamdiffError(
+            f"guidance_scale={cfg.guidance_scale} needs a generator fine-tuned with condition dropout; this one was "
+            "not (conditioner.cond_drop_prob = 0): use guidance_scale=1.0"
+        )
     classifier, classifier_info = _classifier(cfg, meta, rows, test, device)
-    clip = None if cfg.clip_model is None else load_clip_image_encoder(cfg.clip_model, cfg.clip_pretrained, device)
-    retrieval_skip = _retrieval_skip_reason(cfg, clip, generator)
+    info = _checkpoint_info(cfg.checkpoint)
+    clip, clip_info = _clip(cfg, info, device)
+    retrieval_skip = _retrieval_skip_reason(clip, clip_info, generator)
     output = Path(cfg.output)
     record_config(cfg, output)
     (output / "generated").mkdir(exist_ok=True)
@@ -581,6 +619,9 @@ def run(cfg: EvaluateConfig, image_source: ImageSource | None = None) -> dict[st
         distinct = np.unique(np.asarray(image_ids), return_index=True)[1]
         figures["fid"] = fid_or_reason(done.fid_real[torch.from_numpy(distinct)], done.fid_fake)
     context = {"protocol": split.protocol, "seed": cfg.seed, "num_eeg": n, "samples_per_eeg": cfg.samples_per_eeg}
+    seen = _seen_in_finetuning(info, meta["split"][test])
+    if seen:
+        log.warning("evaluate: %d of the %d test EEGs are of splits the checkpoint was fine-tuned on", seen, n)
     results = {
         "stage": "evaluate",
         "checkpoint": str(Path(cfg.checkpoint).resolve()),
@@ -591,6 +632,8 @@ def run(cfg: EvaluateConfig, image_source: ImageSource | None = None) -> dict[st
             "num_test_rows": len(split.test),
             "num_train_rows": len(split.train),
             "max_eeg": cfg.max_eeg,
+            "checkpoint_train_splits": info.get("train_splits"),
+            "test_rows_seen_in_finetuning": seen,
         },
         "seed": cfg.seed,
         "seeds": "EEG e samples from eeg_seed(seed, epoch_id) = sha256(f'{seed}/{epoch_id}')[:8] >> 1; "
@@ -607,7 +650,7 @@ def run(cfg: EvaluateConfig, image_source: ImageSource | None = None) -> dict[st
             "stimuli": f"centre-cropped and resized to {size} px (the generated size)",
         },
         "classifier": classifier_info,
-        "clip": {"model": cfg.clip_model, "pretrained": cfg.clip_pretrained},
+        "clip": clip_info,
         "metrics": {name: {**figure, **context} for name, figure in figures.items()},
         "seconds": {
             "load": round(loaded - began, 3),
@@ -679,8 +722,9 @@ def _write_report(
     setup = (
         f"{results['protocol']['description']}. {results['num_eeg']} EEGs x {results['samples_per_eeg']} samples, "
         f"seed {cfg.seed}, sampler {cfg.sampler} {cfg.steps} steps, guidance {cfg.guidance_scale}; classifier "
-        f"{cfg.classifier} ({results['classifier']['num_classes']} classes); CLIP {cfg.clip_model} "
-        f"({cfg.clip_pretrained}). Checkpoint {results['checkpoint']}."
+        f"{cfg.classifier} ({results['classifier']['num_classes']} classes); CLIP {results['clip']}. "
+        f"Checkpoint {results['checkpoint']}; test rows of its fine-tuning splits: "
+        f"{results['protocol']['test_rows_seen_in_finetuning']}."
     )
     write_report(
         output,

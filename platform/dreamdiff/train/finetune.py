@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ import yaml
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
 
-from dreamdiff.config import FinetuneConfig, PreviewSection, record_config
+from dreamdiff.config import FinetuneConfig, PreviewSection, dump_config, record_config
 from dreamdiff.data.reader import shard_files
 from dreamdiff.data.schema import PAIRED_COLUMNS
 from dreamdiff.errors import DreamdiffError
@@ -41,11 +42,11 @@ from dreamdiff.models.eeg_diffusion import ENCODER_PREFIX, GeneratorSpec, build_
 from dreamdiff.models.generator import Generator, save_generator
 from dreamdiff.models.msm import MSMConfig, MSMEncoder
 from dreamdiff.report import image_grid
-from dreamdiff.train.checkpoint import load_training_state, unwrap
+from dreamdiff.train.checkpoint import load_training_state, save_training_state, unwrap
 from dreamdiff.train.finetune_step import build_finetune_optimizer, finetune_train_step
 from dreamdiff.train.optim import WarmupCosine
 from dreamdiff.train.precompute import FrozenModels, decode_images, precompute
-from dreamdiff.train.pretrain import ENCODER_FILE, FAILED_ONCE, METRICS_FILE, _report
+from dreamdiff.train.pretrain import ENCODER_FILE, FAILED_ONCE, METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def train_loop(config: dict[str, Any]) -> None:
             window, tick, tick_step, data_wait = [], time.perf_counter(), step, 0.0
             _log(metrics, output, rank)
             if save:  # a Ray Train report is a barrier across workers: only with checkpoints
-                _report(metrics, model, optimizer, rank)
+                _report(metrics, model, optimizer, rank, cfg)
     if rank == 0:
         inner = unwrap(model)
         save_generator(inner, spec, output / GENERATOR_DIR, info={"step": step, **config["provenance"]})
@@ -178,6 +179,22 @@ def _log(metrics: dict[str, float], output: Path, rank: int) -> None:
         metrics["lr"],
         metrics["samples_per_s"],
     )
+
+
+def _report(
+    metrics: dict[str, float], model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, cfg: FinetuneConfig
+) -> None:
+    """Every worker reports (Ray Train needs the same number of calls from each); rank 0 attaches the checkpoint:
+    the training state beside the config that built it."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        save_training_state(folder, model, optimizer, {"step": int(metrics["step"])})
+        (Path(folder) / "config.yaml").write_text(dump_config(cfg))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 def _preview(generator: Generator, rows: dict[str, Any], cfg: FinetuneConfig, path: Path) -> None:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dreamdiff.config import PretrainConfig, record_config
+from dreamdiff.config import PretrainConfig, dump_config, record_config
 from dreamdiff.data.augment import random_crop_resize, random_scale
 from dreamdiff.data.reader import TRAIN_COLUMNS, shard_files
 from dreamdiff.errors import DreamdiffError
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 ENCODER_FILE = "msm.safetensors"
 METRICS_FILE = "metrics.jsonl"
+SPLIT_FILE = "data_split.json"
 FAILED_ONCE = ".injected_failure"
 
 
@@ -150,7 +151,7 @@ def train_loop(config: dict[str, Any]) -> None:
             window, tick, tick_step, data_wait = [], time.perf_counter(), step, 0.0
             _log(metrics, output, rank)
             if save:  # a Ray Train report is a barrier across workers: only with checkpoints
-                _report(metrics, model, optimizer, rank)
+                _report(metrics, model, optimizer, rank, cfg)
         last_epoch = epoch == cfg.epochs - 1
         if rank == 0 and ((epoch + 1) % cfg.plot_every_epochs == 0 or last_epoch):
             plot = output / "plots" / f"reconstruction-epoch{epoch + 1:04d}.png"
@@ -176,7 +177,9 @@ def _log(metrics: dict[str, float], output: Path, rank: int) -> None:
     )
 
 
-def _report(metrics: dict[str, float], model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> None:
+def _report(
+    metrics: dict[str, float], model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, cfg: PretrainConfig
+) -> None:
     """Every worker reports (Ray Train needs the same number of calls from each); rank 0 attaches the checkpoint."""
     import ray.train
 
@@ -185,6 +188,7 @@ def _report(metrics: dict[str, float], model: torch.nn.Module, optimizer: torch.
         return
     with tempfile.TemporaryDirectory() as folder:
         save_training_state(folder, model, optimizer, {"step": int(metrics["step"])})
+        (Path(folder) / "config.yaml").write_text(dump_config(cfg))  # weights beside the config that built them
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
@@ -273,6 +277,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         raise DreamdiffError(f"batch_size: {cfg.batch_size} is larger than the {rows} training rows in {cfg.data}")
     resume_from = _resume_folder(cfg.resume_from)
     record_config(cfg, output)
+    (output / SPLIT_FILE).write_text(json.dumps({"train": train_files, "held_out": val_files}, indent=1))
     init_ray(cfg.ray)
     dataset = (
         ray.data.read_parquet(train_files).select_columns(list(TRAIN_COLUMNS)).randomize_block_order(seed=cfg.seed)
