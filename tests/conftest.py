@@ -26,6 +26,17 @@ def offline_mne_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
             os.environ[key] = value
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models run faster on one thread than on two cores shared with Ray workers (OpenMP spinning)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
     """A real local Ray for the whole session: 4 logical CPUs so Train workers leave room for Data."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,16 +27,8 @@ from dreamdiff.eval.metrics import ground_truth_from_classifier, n_way_top_k
 CFG = SynthConfig(num_classes=10, images_per_class=20, image_size=16, seed=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
-def trained(one_thread: None) -> tuple[SmallCNN, float]:
+def trained() -> tuple[SmallCNN, float]:
     start = time.process_time()  # CPU time: the shared build machine's load does not count
     model = train_synthetic_classifier(CFG, seed=0)
     return model, time.process_time() - start

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,17 +51,8 @@ TEST_IMAGES, TRIALS_PER_SUBJECT, LAST_BLOCK_TRIALS = 8, 80, 30
 METRICS = ("n_way_top_1", "clip_similarity", "ssim", "pcc", "retrieval_top_1", "retrieval_top_5")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run faster on one thread than on two cores shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def world(ray_local: None, tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> dict[str, Path]:
+def world(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Shards, generator checkpoint, classifier and CLIP checkpoint, all tiny and made here."""
     root = tmp_path_factory.mktemp("evaluate")
     preprocess.run(

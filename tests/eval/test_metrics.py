@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from math import comb
 
 import pytest
@@ -19,14 +18,6 @@ from dreamdiff.eval.metrics import (
     retrieval_top_k,
     ssim,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import open_clip
@@ -12,14 +11,6 @@ from safetensors.torch import load_file, save_file
 
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.clip import load_clip_image_encoder, save_random_clip
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

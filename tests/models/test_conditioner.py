@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
 from dreamdiff.models.conditioner import ClipHead, ConditionerConfig, EEGConditioner, clip_alignment_loss
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tokens(batch: int = 3, dim: int = 32, seed: int = 0) -> torch.Tensor:

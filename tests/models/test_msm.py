@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from pydantic import ValidationError
@@ -21,15 +19,6 @@ from dreamdiff.models.msm import (
 )
 
 TINY = MSMConfig(preset="tiny")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run faster on one thread than on two cores shared with other jobs (OpenMP spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _eeg(batch: int = 4, seed: int = 0) -> torch.Tensor:

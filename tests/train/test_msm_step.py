@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,15 +14,6 @@ from dreamdiff.train.msm_step import msm_eval_loss, msm_train_step
 from dreamdiff.train.optim import WarmupCosine, build_optimizer, param_groups, warmup_cosine
 
 TINY = MSMConfig(preset="tiny")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run faster on one thread than on two cores shared with other jobs (OpenMP spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _eeg(batch: int, seed: int = 0) -> torch.Tensor:
