@@ -198,7 +198,7 @@ def _report(
 
 
 def _preview(generator: Generator, rows: dict[str, Any], cfg: FinetuneConfig, path: Path) -> None:
-    """One row per held-out EEG: its stimulus, then `images_per_eeg` images generated from the EEG."""
+    """One row per held-out EEG: its stimulus (captioned with its class), then images generated from the EEG."""
     n = cfg.preview.images_per_eeg
     generated = generator.generate(
         torch.as_tensor(rows["eeg"]).float(),
@@ -210,7 +210,7 @@ def _preview(generator: Generator, rows: dict[str, Any], cfg: FinetuneConfig, pa
     images, labels = [], []
     for stimulus, name, samples in zip(rows["image"], rows["class_name"], generated, strict=True):
         images += [stimulus, *samples]
-        labels += [f"stimulus: {name}", *(f"from EEG #{j + 1}" for j in range(n))]
+        labels += [name, *(f"generated {j + 1}" for j in range(n))]
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(np.stack(images), labels, path, columns=n + 1)
 
@@ -257,8 +257,9 @@ def resolve_encoder(cfg: FinetuneConfig) -> tuple[MSMConfig, str | None]:
             f"encoder_checkpoint: {cfg.encoder_checkpoint} holds no {ENCODER_FILE}; expected a finished pretrain run "
             "folder (or its msm.safetensors), or null to train the encoder from scratch"
         )
-    record = weights.parent / "config.yaml"
-    recorded = MSMConfig.model_validate(yaml.safe_load(record.read_text())["model"]) if record.is_file() else None
+    record = weights.parent / "config.yaml"  # a pretrain run's record: its `model` section has the sizes
+    saved = yaml.safe_load(record.read_text()) if record.is_file() else None
+    recorded = MSMConfig.model_validate(saved["model"]) if isinstance(saved, dict) and "model" in saved else None
     msm = recorded or cfg.encoder
     if msm is None:
         raise DreamdiffError(f"encoder: {weights} has no config.yaml beside it; give the encoder sizes in `encoder`")
@@ -402,8 +403,8 @@ def _clip_weights(cfg: FinetuneConfig, output: Path) -> str | None:
         return str(local.resolve()) if local.is_file() else cfg.clip_pretrained
     path = output / RANDOM_CLIP_FILE
     if not path.is_file():
-        save_random_clip(cfg.clip_model, path.with_name(f".{path.name}.tmp.safetensors"), seed=cfg.seed)
-        os.replace(path.with_name(f".{path.name}.tmp.safetensors"), path)
+        staging = output / f".staging-{RANDOM_CLIP_FILE}"  # open_clip needs the .safetensors suffix
+        os.replace(save_random_clip(cfg.clip_model, staging, seed=cfg.seed), path)
     return str(path)
 
 
