@@ -54,10 +54,11 @@ STAGES: dict[str, Stage] = {
     ),
     "sweep": Stage(
         "Ray Tune sweep over mask ratio x encoder size, scored downstream",
-        "Run one TorchTrainer per trial under ASHA; score each encoder with a probe on held-out labelled "
-        "EEG, and write the results table, a plot and the best config.",
+        "Run one TorchTrainer per trial under ASHA; score each encoder with a linear probe on held-out labelled "
+        "EEG, and write the results table (results.csv), a plot of score vs mask ratio and the best trial's config "
+        "(best_pretrain.yaml, for `dreamdiff pretrain`). Re-running the same config resumes the sweep.",
         "sweep-demo.yaml",
-        None,
+        "dreamdiff.tune.sweep:run",
         6,
     ),
     "serve": Stage(

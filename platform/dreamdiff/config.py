@@ -182,6 +182,12 @@ class PretrainConfig(StrictModel):
     )
     val_fraction: float = Field(default=0.05, ge=0, lt=1, description="shard files held out for validation")
     val_rows: int = Field(default=32, ge=1, description="held-out windows scored at every log step")
+    probe_data: str | None = Field(
+        default=None,
+        description="paired shards with class labels: at every checkpoint a linear probe on the frozen encoder's "
+        "features scores it (train split -> held-out splits); null = no probe",
+    )
+    probe_rows: int = Field(default=256, ge=2, description="probe windows read per side (train split, held-out)")
     log_every_steps: int = Field(default=20, ge=1)
     plot_every_epochs: int = Field(default=50, ge=1)
     checkpoint: CheckpointSection = CheckpointSection()
@@ -310,16 +316,37 @@ class FinetuneConfig(StrictModel):
 
 
 class SweepConfig(StrictModel):
-    """Ray Tune over pretraining settings, scored on a downstream probe."""
+    """Ray Tune over pretraining settings, one TorchTrainer run per trial, ASHA early stopping, scored by a linear
+    probe on held-out labelled EEG (reconstruction loss does not compare across mask ratios; see dreamdiff.tune)."""
 
-    base: PretrainConfig
-    probe_data: str = Field(description="paired shards with class labels for the probe")
-    search_space: dict[str, Any] = Field(description="dotted pretrain key -> grid/choice/loguniform spec")
-    num_samples: int = Field(default=1, ge=1)
-    max_concurrent_trials: int | None = Field(default=None, ge=1)
-    grace_period: int = Field(default=1, ge=1)
-    output: str
+    base: PretrainConfig = Field(description="the pretrain config every trial starts from; the sweep sets its output")
+    probe_data: str = Field(description="paired shards with class labels: the probe that scores every trial")
+    search_space: dict[str, Any] = Field(
+        description="dotted pretrain key -> {grid: [values]}, {choice: [values]}, {uniform: [lo, hi]} or "
+        "{loguniform: [lo, hi]}"
+    )
+    num_samples: int = Field(default=1, ge=1, description="draws of the space (a grid is run num_samples times)")
+    max_concurrent_trials: int | None = Field(
+        default=None, ge=1, description="null: as many trials as the cluster's CPUs (and GPUs) hold at once"
+    )
+    grace_period: int = Field(default=1, ge=1, description="ASHA: checkpoint reports before a trial may be stopped")
+    output: str = Field(description="sweep folder: tune/, trials/, results.csv, the plot, best_pretrain.yaml")
     ray: RayInitConfig = RayInitConfig()
+
+    @field_validator("base", mode="before")
+    @classmethod
+    def _trial_output(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "output" not in value:  # each trial writes to <output>/trials/<trial id>
+            return {**value, "output": "(per trial: <sweep output>/trials/<trial id>)"}
+        return value
+
+    @field_validator("probe_data")
+    @classmethod
+    def _one_probe(cls, value: str, info: ValidationInfo) -> str:
+        base = info.data.get("base")
+        if base is not None and base.probe_data not in (None, value):
+            raise ValueError(f"differs from base.probe_data ({base.probe_data}); give it once, here")
+        return value
 
 
 # ------------------------------------------------------------------------------------ serve

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from sklearn.linear_model import LogisticRegression
@@ -27,7 +28,9 @@ PROBE_COLUMNS = ("eeg", "channel_mask", "label", "split")
 
 @torch.no_grad()
 def encoder_features(
-    encoder: nn.Module, eeg: np.ndarray | torch.Tensor, channel_mask: np.ndarray | torch.Tensor | None = None,
+    encoder: nn.Module,
+    eeg: np.ndarray | torch.Tensor,
+    channel_mask: np.ndarray | torch.Tensor | None = None,
     batch: int = 64,
 ) -> np.ndarray:
     """Mean-pooled encoder tokens [N, D] of EEG [N, C, T], in eval mode; the encoder's mode is restored after."""
@@ -65,24 +68,29 @@ def load_probe_sets(files: Sequence[str], max_rows: int) -> dict[str, np.ndarray
     (epoch-only shards) are skipped.
     """
     tables: dict[bool, list[pa.Table]] = {True: [], False: []}
+    have = {True: 0, False: 0}
     for file in files:
+        if min(have.values()) >= max_rows:
+            break
         if not set(PROBE_COLUMNS) <= set(pq.read_schema(file).names):
             continue
         table = pq.read_table(file, columns=list(PROBE_COLUMNS))
-        is_train = np.asarray(table.column("split").to_pylist()) == "train"
+        is_train = pc.equal(table.column("split"), "train")
         for side in (True, False):
-            have = sum(t.num_rows for t in tables[side])
-            if have < max_rows:
-                tables[side].append(table.filter(pa.array(is_train == side)).slice(0, max_rows - have))
+            part = table.filter(is_train if side else pc.invert(is_train)).slice(0, max_rows - have[side])
+            tables[side].append(part)
+            have[side] += part.num_rows
     sets = {}
     for side, prefix in ((True, "train"), (False, "test")):
-        table = pa.concat_tables(tables[side]) if tables[side] else None
-        if table is None or table.num_rows == 0:
+        if not have[side]:
             kind = "train-split" if side else "held-out (non-train split)"
-            raise DreamdiffError(f"probe_data: no labelled {kind} rows in the paired shards given")
+            raise DreamdiffError(f"probe_data: no labelled {kind} rows; the probe needs paired shards with both")
+        table = pa.concat_tables(tables[side])
         sets[f"{prefix}_eeg"] = table.column("eeg").combine_chunks().to_numpy_ndarray()
         sets[f"{prefix}_channel_mask"] = table.column("channel_mask").combine_chunks().to_numpy_ndarray()
         sets[f"{prefix}_label"] = table.column("label").to_numpy()
+    if len(np.unique(sets["train_label"])) < 2:
+        raise DreamdiffError("probe_data: the train split holds a single class; a probe needs two or more")
     return sets
 
 

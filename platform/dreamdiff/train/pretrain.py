@@ -6,6 +6,10 @@ the data with `get_dataset_shard`, calls the plain step function `msm_train_step
 metrics every `log_every_steps` and a checkpoint every `checkpoint.every_steps`. Re-running the
 same config into the same output folder resumes from the last checkpoint (Ray Train restores
 the run from its storage folder): same step count, optimizer state and learning rate.
+
+With `probe_data` set, every checkpoint report also carries `probe_accuracy`: a linear probe on the
+frozen encoder's features of labelled EEG (dreamdiff.eval.probe), the score that sweeps compare.
+`build_trainer` is the driver without the `fit`, for callers that add callbacks (dreamdiff.tune).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +32,7 @@ from dreamdiff.config import PretrainConfig, dump_config, record_config
 from dreamdiff.data.augment import random_crop_resize, random_scale
 from dreamdiff.data.reader import TRAIN_COLUMNS, shard_files
 from dreamdiff.errors import DreamdiffError
+from dreamdiff.eval.probe import chance_accuracy, load_probe_sets, probe_encoder
 from dreamdiff.models.msm import build_msm
 from dreamdiff.train.checkpoint import STATE_FILE, load_training_state, save_model, save_training_state, unwrap
 from dreamdiff.train.msm_plot import plot_reconstructions
@@ -93,6 +100,7 @@ def train_loop(config: dict[str, Any]) -> None:
     val = {k: torch.as_tensor(v) for k, v in config["val"].items()}
     val_seed = cfg.seed + 12345  # the same masks at every evaluation, so val losses compare
     zero_loss = zero_prediction_loss(model, val, generator=torch.Generator().manual_seed(val_seed))
+    probe = config["probe"]
     shard = ray.train.get_dataset_shard("train")
     aug_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
 
@@ -148,6 +156,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 "val_loss_zero_prediction": zero_loss,
                 "resumed_at": position["step"],
             }
+            if save and probe is not None:  # outside the timed window: probing is not training throughput
+                metrics.update(_probe(model, probe, rank))
             window, tick, tick_step, data_wait = [], time.perf_counter(), step, 0.0
             _log(metrics, output, rank)
             if save:  # a Ray Train report is a barrier across workers: only with checkpoints
@@ -160,6 +170,16 @@ def train_loop(config: dict[str, Any]) -> None:
         save_model(model, output / ENCODER_FILE, metadata={"step": str(step), "preset": str(cfg.model.preset)})
 
 
+def _probe(model: torch.nn.Module, sets: dict[str, np.ndarray], rank: int) -> dict[str, float]:
+    """Rank 0 probes the encoder; the other ranks report the same keys as NaN (Tune reads rank 0's metrics)."""
+    if rank != 0:
+        return {"probe_accuracy": float("nan"), "probe_chance": float("nan")}
+    return {
+        "probe_accuracy": probe_encoder(unwrap(model).encoder, sets),
+        "probe_chance": chance_accuracy(sets["train_label"], sets["test_label"]),
+    }
+
+
 def _log(metrics: dict[str, float], output: Path, rank: int) -> None:
     """Rank 0 appends to metrics.jsonl and logs a line."""
     if rank != 0:
@@ -167,13 +187,14 @@ def _log(metrics: dict[str, float], output: Path, rank: int) -> None:
     with open(output / METRICS_FILE, "a") as f:
         f.write(json.dumps(metrics) + "\n")
     log.info(
-        "step %d  epoch %.2f  loss %.4f  val %.4f  lr %.2e  %.0f samples/s",
+        "step %d  epoch %.2f  loss %.4f  val %.4f  lr %.2e  %.0f samples/s%s",
         metrics["step"],
         metrics["epoch"],
         metrics["loss"],
         metrics["val_loss"],
         metrics["lr"],
         metrics["samples_per_s"],
+        f"  probe {metrics['probe_accuracy']:.3f}" if "probe_accuracy" in metrics else "",
     )
 
 
@@ -256,15 +277,20 @@ def _cache(cfg: PretrainConfig, files: list[str]) -> bool:
     return decoded < 0.25 * ray.available_resources().get("object_store_memory", 0)
 
 
-def run(cfg: PretrainConfig) -> dict[str, Any]:
-    """Train (or resume) an MSM run; returns the last metrics. The encoder lands in <output>/msm.safetensors."""
-    import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
+@dataclass(frozen=True)
+class RunPlan:
+    """What a pretrain run reads and how long it trains, known before Ray starts."""
 
-    from dreamdiff.ray_init import init_ray
+    train_files: list[str]
+    val_files: list[str]
+    rows: int
+    steps_per_epoch: int
+    total_steps: int
+    reports: int  # checkpoint reports to Ray Train (and to Tune): every checkpoint.every_steps, and at the end
 
-    output = Path(cfg.output).resolve()
+
+def plan_run(cfg: PretrainConfig) -> RunPlan:
+    """Split the shard files and count steps; a batch that does not fit the workers or the data fails here."""
     train_files, val_files = split_files(shard_files(cfg.data), cfg.val_fraction)
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in train_files)
     world = max(1, cfg.scaling.num_workers)
@@ -273,34 +299,62 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
             f"batch_size: {cfg.batch_size} must divide evenly into {world} worker(s) x "
             f"{cfg.optim.grad_accum} accumulation step(s)"
         )
-    if steps_per_epoch(cfg, rows, world) == 0:
+    per_epoch = steps_per_epoch(cfg, rows, world)
+    if per_epoch == 0:
         raise DreamdiffError(f"batch_size: {cfg.batch_size} is larger than the {rows} training rows in {cfg.data}")
+    total = per_epoch * cfg.epochs
+    return RunPlan(train_files, val_files, rows, per_epoch, total, -(-total // cfg.checkpoint.every_steps))
+
+
+def _probe_sets(cfg: PretrainConfig) -> dict[str, np.ndarray] | None:
+    if cfg.probe_data is None:
+        return None
+    try:
+        files = shard_files(cfg.probe_data)
+    except DreamdiffError as err:
+        raise DreamdiffError(f"probe_data: {str(err).removeprefix('data: ')}") from None
+    return load_probe_sets(files, cfg.probe_rows)
+
+
+def build_trainer(cfg: PretrainConfig, callbacks: Sequence[Any] = ()) -> Any:
+    """The TorchTrainer of a run (Ray started, config recorded), not yet fitted; `callbacks` go to its RunConfig."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from dreamdiff.ray_init import init_ray
+
+    output = Path(cfg.output).resolve()
+    plan = plan_run(cfg)
     resume_from = _resume_folder(cfg.resume_from)
+    probe = _probe_sets(cfg)
     record_config(cfg, output)
-    (output / SPLIT_FILE).write_text(json.dumps({"train": train_files, "held_out": val_files}, indent=1))
+    (output / SPLIT_FILE).write_text(json.dumps({"train": plan.train_files, "held_out": plan.val_files}, indent=1))
     init_ray(cfg.ray)
     dataset = (
-        ray.data.read_parquet(train_files).select_columns(list(TRAIN_COLUMNS)).randomize_block_order(seed=cfg.seed)
+        ray.data.read_parquet(plan.train_files).select_columns(list(TRAIN_COLUMNS)).randomize_block_order(seed=cfg.seed)
     )
     dataset.context.enable_progress_bars = False  # the loop logs its own progress, per step
-    if _cache(cfg, train_files):
+    if _cache(cfg, plan.train_files):
         dataset = dataset.materialize()  # read once: later epochs iterate the object store
     loop_config = {
         "cfg": cfg.model_dump(mode="json"),
-        "rows": rows,
+        "rows": plan.rows,
         "output": str(output),
-        "val": read_rows(val_files, cfg.val_rows),
+        "val": read_rows(plan.val_files, cfg.val_rows),
+        "probe": probe,
         "resume_from": resume_from,
     }
     log.info(
-        "pretrain: %d training windows from %d files, %d held-out files, %d worker(s), %d steps/epoch",
-        rows,
-        len(train_files),
-        len(val_files),
-        world,
-        steps_per_epoch(cfg, rows, world),
+        "pretrain: %d training windows from %d files, %d held-out files, %d worker(s), %d steps/epoch%s",
+        plan.rows,
+        len(plan.train_files),
+        len(plan.val_files),
+        max(1, cfg.scaling.num_workers),
+        plan.steps_per_epoch,
+        "" if probe is None else f", probe on {len(probe['train_label'])} + {len(probe['test_label'])} windows",
     )
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
@@ -313,13 +367,20 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
             storage_path=str(output / "ray"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            callbacks=list(callbacks),
         ),
         datasets={"train": dataset},
     )
-    metrics = dict(trainer.fit().metrics or {})
+
+
+def run(cfg: PretrainConfig) -> dict[str, Any]:
+    """Train (or resume) an MSM run; returns the last metrics. The encoder lands in <output>/msm.safetensors."""
+    metrics = dict(build_trainer(cfg).fit().metrics or {})
+    probe = f"  probe {metrics['probe_accuracy']:.3f}" if "probe_accuracy" in metrics else ""
     print(
         f"pretrain: step {metrics.get('step')}  loss {metrics.get('loss', float('nan')):.4f}  "
         f"val {metrics.get('val_loss', float('nan')):.4f} (zero prediction "
-        f"{metrics.get('val_loss_zero_prediction', float('nan')):.4f}); weights: {output / ENCODER_FILE}"
+        f"{metrics.get('val_loss_zero_prediction', float('nan')):.4f}){probe}; "
+        f"weights: {Path(cfg.output).resolve() / ENCODER_FILE}"
     )
     return metrics
