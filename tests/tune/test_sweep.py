@@ -11,19 +11,29 @@ import numpy as np
 import pytest
 import ray
 import torch
+from ray.tune.search.sample import Categorical, Float
 
+from dreamdiff.cli import main as cli
 from dreamdiff.config import ConfigError, SweepConfig, load_config, validate_config
 from dreamdiff.data import signal, synthetic
 from dreamdiff.data.preprocess import run as preprocess
 from dreamdiff.data.reader import shard_files
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.eval.probe import encoder_features, linear_probe, load_probe_sets
-from dreamdiff.models.msm import MSMConfig, build_msm
+from dreamdiff.models.msm import PRESETS, MSMConfig, build_msm
 from dreamdiff.train.msm_step import msm_train_step
 from dreamdiff.train.optim import build_optimizer
-from dreamdiff.train.pretrain import METRICS_FILE
-from dreamdiff.train.pretrain import run as pretrain
-from dreamdiff.tune.sweep import BEST_FILE, PLOT_FILE, RESULTS_FILE
+from dreamdiff.train.pretrain import ENCODER_FILE, METRICS_FILE, SPLIT_FILE
+from dreamdiff.tune.sweep import (
+    BEST_FILE,
+    PLOT_FILE,
+    RESULTS_FILE,
+    _ReapPlacementGroups,
+    _RecordPlacementGroup,
+    check_search_space,
+    max_concurrent_trials,
+    param_space,
+)
 from dreamdiff.tune.sweep import run as sweep
 
 # ------------------------------------------------------------------------------------ probe
@@ -84,6 +94,7 @@ def test_probe_scores_a_pretrained_encoder_above_an_untrained_one() -> None:
         batch = windows[torch.randint(0, len(windows), (16,), generator=order)]
         stats = msm_train_step(model, optimizer, [{"eeg": batch}], lr=5e-3, grad_clip=0.8, device=torch.device("cpu"))
     trained = probe(model.encoder)
+    print(f"probe on SynthEEG held-out windows: untrained {untrained:.3f}, trained {trained:.3f}, chance 0.100")
     assert stats["loss"] < 0.8  # it did learn to reconstruct (untrained: about 1.0)
     assert trained > untrained + 0.08, (untrained, trained)
     assert trained > 3 * 0.1  # 10 balanced classes
@@ -129,6 +140,51 @@ def test_bad_search_space_fails_before_any_trial_naming_the_entry(tmp_path: Path
         sweep(_sweep_config(tmp_path, space))
     assert message in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "sweep").exists()  # nothing started, nothing written
+
+
+def test_yaml_search_space_becomes_tune_samplers_and_every_candidate_is_checked(tmp_path: Path) -> None:
+    space = {
+        "model.mask_ratio": {"grid": [0.5, 0.75]},
+        "model.embed_dim": {"choice": [32, 64]},
+        "optim.lr": {"loguniform": [1.0e-4, 1.0e-3]},
+        "optim.weight_decay": {"uniform": [0.0, 0.1]},
+    }
+    samplers = param_space(_sweep_config(tmp_path, space))["overrides"]
+    assert samplers["model.mask_ratio"] == {"grid_search": [0.5, 0.75]}
+    assert isinstance(samplers["model.embed_dim"], Categorical) and samplers["model.embed_dim"].categories == [32, 64]
+    for key, sampler in (("optim.lr", "_LogUniform"), ("optim.weight_decay", "_Uniform")):
+        domain = samplers[key]
+        assert isinstance(domain, Float) and type(domain.get_sampler()).__name__ == sampler
+        assert [domain.lower, domain.upper] == space[key]["loguniform" if key == "optim.lr" else "uniform"]
+    # the paper's grid as shipped: 3 ratios x 2 presets x the learning rate's bounds and middle, each preset's sizes
+    paper = load_config("sweep", "sweep-paper.yaml")
+    assert isinstance(paper, SweepConfig)
+    configs = check_search_space(paper)
+    assert len(configs) == 18 and {(c.model.mask_ratio, c.model.embed_dim, c.model.depth) for c in configs} == {
+        (r, PRESETS[p]["embed_dim"], PRESETS[p]["depth"]) for r in (0.25, 0.5, 0.75) for p in ("small", "large")
+    }
+    assert sorted({c.optim.lr for c in configs}) == pytest.approx([1e-4, 10**-3.5, 1e-3])
+
+
+def test_max_concurrent_trials_follow_each_trials_scaling_config(ray_local: None, tmp_path: Path) -> None:
+    """4 logical CPUs, one left to Ray Data: 1-worker trials (1.25 CPUs with their Tune driver) run 2 at once."""
+    one = _sweep_config(tmp_path, {"model.mask_ratio": {"grid": [0.5, 0.75]}})
+    assert max_concurrent_trials(one, check_search_space(one)) == 2
+    two = _sweep_config(tmp_path, {"scaling.num_workers": {"grid": [1, 2]}})  # sized by the 2-worker trials
+    assert max_concurrent_trials(two, check_search_space(two)) == 1
+    fixed = _sweep_config(tmp_path, {"scaling.num_workers": {"grid": [1, 2]}}, max_concurrent_trials=3)
+    assert max_concurrent_trials(fixed, check_search_space(fixed)) == 3
+
+
+def test_placement_group_workaround_fails_loudly_if_ray_changes_what_it_relies_on(tmp_path: Path) -> None:
+    """The workaround uses Ray 2.60 internals; a Ray that moves them must fail with a message, never hang trials."""
+    with pytest.raises(DreamdiffError, match="keeps a worker group's placement group elsewhere than Ray 2.60"):
+        _RecordPlacementGroup(tmp_path / "group").after_worker_group_start(object())  # a worker group of another API
+    reaper = _ReapPlacementGroups(tmp_path)
+    reaper.ended = {"failed-before-training": False, "trained": True}  # neither recorded a placement group
+    with pytest.raises(DreamdiffError, match="trial trained trained but no placement group was recorded"):
+        reaper.reap()
+    assert reaper.ended == {"trained": True}
 
 
 def test_probe_data_is_given_once(tmp_path: Path) -> None:
@@ -181,6 +237,12 @@ def _config(shards: Path, output: Path, search_space: dict, base: dict, **extra:
     cfg = validate_config("sweep", data, "test")
     assert isinstance(cfg, SweepConfig)
     return cfg
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under a folder: its bytes and modification time."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
 
 
 def _rows(output: Path) -> list[dict[str, str]]:
@@ -236,11 +298,11 @@ def test_four_trial_sweep_stops_early_and_writes_table_plot_and_a_trainable_best
     assert cfg_best.output == str(tmp_path / "sweep" / "best-pretrain")
     trial = load_config("pretrain", tmp_path / "sweep" / "trials" / best / "config.yaml")
     assert cfg_best.model_dump(exclude={"output"}) == trial.model_dump(exclude={"output"})
-    short = load_config("pretrain", path, ["epochs=1", "scaling.num_workers=2", "checkpoint.every_steps=7"])
-    final = pretrain(short)  # 120 rows per worker, 8 per step: 15 steps
-    assert final["step"] == 15 and 0 <= final["probe_accuracy"] <= 1
-    lines = [json.loads(line) for line in (Path(short.output) / METRICS_FILE).read_text().splitlines()]
-    assert [line["step"] for line in lines if "probe_accuracy" in line] == [7, 14, 15]  # at checkpoints only
+    shorter = ["epochs=1", "scaling.num_workers=2", "checkpoint.every_steps=7"]
+    assert cli(["pretrain", "--config", str(path), *shorter]) == 0  # `dreamdiff pretrain`
+    lines = [json.loads(line) for line in (Path(cfg_best.output) / METRICS_FILE).read_text().splitlines()]
+    assert [line["step"] for line in lines if "probe_accuracy" in line] == [7, 14, 15]  # 120 rows per worker, 8 a step
+    assert 0 <= lines[-1]["probe_accuracy"] <= 1 and (Path(cfg_best.output) / ENCODER_FILE).is_file()
 
 
 @pytest.mark.slow
@@ -253,12 +315,13 @@ def test_interrupted_sweep_resumes_the_failed_trial_and_reruns_no_finished_one(s
     assert first[""]["status"] == "completed" and first["8"]["status"] == "error"
     assert "injected failure at step 8" in first["8"]["error"]
     trials = tmp_path / "sweep" / "trials"
-    finished = trials / first[""]["trial_id"] / METRICS_FILE
-    finished_before = (finished.read_bytes(), finished.stat().st_mtime_ns)
+    finished = trials / first[""]["trial_id"]
+    finished_before = _snapshot(finished)
+    assert {ENCODER_FILE, SPLIT_FILE, "config.yaml"} <= set(finished_before)  # files a re-run would rewrite
 
     result = sweep(cfg)  # the same config again: restore, continue what did not finish
 
-    assert (finished.read_bytes(), finished.stat().st_mtime_ns) == finished_before  # not re-run
+    assert _snapshot(finished) == finished_before  # not re-run: every file of the finished trial left untouched
     again = {r["inject_failure_at_step"]: r for r in _rows(tmp_path / "sweep")}
     assert again[""] == first[""]
     assert again["8"]["status"] == "completed" and again["8"]["step"] == "15"

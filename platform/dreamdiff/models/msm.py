@@ -70,7 +70,7 @@ class MSMConfig(StrictModel):
     decoder_embed_dim: int = Field(ge=2)
     decoder_depth: int = Field(ge=1)
     decoder_num_heads: int = Field(ge=1)
-    mask_ratio: float = Field(0.75, ge=0.0, lt=1.0)
+    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0, description="share of tokens hidden; > 0 or nothing is learned")
     norm_target: bool = False
 
     @model_validator(mode="before")

@@ -23,7 +23,6 @@ from typing import Any, cast
 import ray
 import yaml
 from ray import tune
-from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
@@ -40,6 +39,15 @@ from dreamdiff.config import (
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.msm import PRESETS
 from dreamdiff.train.pretrain import RunPlan, build_trainer, plan_run
+
+try:  # Ray Train's internal callback API, for the placement-group workaround below: a Ray without it fails here
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+except ImportError as err:
+    raise ImportError(
+        f"dreamdiff.tune.sweep: Ray {ray.__version__} has no ray.train.v2._internal.execution.callback."
+        "WorkerGroupCallback, which the sweep's placement-group workaround (written for Ray 2.60) uses; see the "
+        "comment above _RecordPlacementGroup in dreamdiff/tune/sweep.py to update or remove it"
+    ) from err
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +143,26 @@ def param_space(cfg: SweepConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------- trials
 
 
-# Stopping a trial kills its Tune actor and, with it, its TorchTrainer controller, but not the placement group of
-# its workers: Ray 2.60's PlacementGroupCleaner watches the controller through the State API, which a local Ray
-# without the dashboard lacks (and here it left the group behind even with the dashboard). The CPUs and GPUs it
-# holds then starve the next trials. So each trial's controller writes its workers' placement group id into the
-# trial folder (a Train WorkerGroupCallback: internal, but RunConfig(callbacks=...) takes it beside the public
-# ones), and the sweep driver removes the groups of trials that ended (a Tune Callback).
+# Workaround for Ray 2.60.0 (Train V2 under Tune): stopping a trial (ASHA) kills its Tune actor and, with it, its
+# TorchTrainer controller, but not the placement group of its workers: Ray's PlacementGroupCleaner watches the
+# controller through the State API, which a local Ray without the dashboard lacks (and here it left the group behind
+# even with the dashboard). The CPUs and GPUs the group holds then starve the next trials: the sweep hangs. So each
+# trial's controller writes its workers' placement group id into the trial folder (a Train WorkerGroupCallback:
+# internal API, but RunConfig(callbacks=...) takes it beside the public ones), and the sweep driver removes the
+# groups of trials that ended (a Tune Callback).
+# Guarded: a Ray without the callback class or hook fails at import (above and below), one whose worker group no
+# longer has the placement group where 2.60 keeps it fails the trial, and one that stops calling the hook fails the
+# sweep as soon as a trial that trained ends with no group recorded; never a silent hang.
+# To remove it once Ray frees a killed controller's workers itself (the four-trial test in tests/tune/test_sweep.py
+# checks that every CPU is free after the sweep: drop the callbacks and see that it still passes): delete
+# _RecordPlacementGroup, _ReapPlacementGroups, PLACEMENT_GROUP_FILE, the guarded import, and their uses in _trial
+# and _tuner.
+if "after_worker_group_start" not in vars(WorkerGroupCallback):
+    raise ImportError(
+        f"dreamdiff.tune.sweep: Ray {ray.__version__}'s WorkerGroupCallback has no after_worker_group_start hook, "
+        "which the sweep's placement-group workaround (written for Ray 2.60) uses; update or remove it (see the "
+        "comment above _RecordPlacementGroup in dreamdiff/tune/sweep.py)"
+    )
 
 
 class _RecordPlacementGroup(WorkerGroupCallback):
@@ -148,21 +170,27 @@ class _RecordPlacementGroup(WorkerGroupCallback):
         self.path = path
 
     def after_worker_group_start(self, worker_group: Any) -> None:
-        group = worker_group.get_worker_group_state().placement_group_handle.placement_group
+        try:
+            group = worker_group.get_worker_group_state().placement_group_handle.placement_group
+        except AttributeError as err:
+            raise DreamdiffError(
+                f"sweep: Ray {ray.__version__} keeps a worker group's placement group elsewhere than Ray 2.60 "
+                f"({err}); update the placement-group workaround in dreamdiff/tune/sweep.py"
+            ) from err
         self.path.write_text(group.id.hex())
 
 
 class _ReapPlacementGroups(tune.Callback):
     def __init__(self, trials_dir: Path) -> None:
         self.trials_dir = trials_dir
-        self.ended: set[str] = set()
+        self.ended: dict[str, bool] = {}  # trial id -> it reported (so its workers started)
         self.last = 0.0
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.ended.add(trial.trial_id)
+        self.ended[trial.trial_id] = bool(trial.last_result.get("training_iteration"))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.ended.add(trial.trial_id)
+        self.ended[trial.trial_id] = bool(trial.last_result.get("training_iteration"))
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if time.monotonic() - self.last > 2.0:
@@ -174,14 +202,23 @@ class _ReapPlacementGroups(tune.Callback):
 
     def reap(self) -> None:
         """Remove the worker placement groups of ended trials that still hold resources."""
-        for trial_id in self.ended:
+        for trial_id, reported in list(self.ended.items()):
             path = self.trials_dir / trial_id / PLACEMENT_GROUP_FILE
             if not path.is_file():
+                if reported:
+                    raise DreamdiffError(
+                        f"sweep: trial {trial_id} trained but no placement group was recorded in {path}: Ray "
+                        f"{ray.__version__} no longer calls WorkerGroupCallback.after_worker_group_start as Ray 2.60 "
+                        "did (update the workaround in dreamdiff/tune/sweep.py), or `output` is not on a filesystem "
+                        "that every node shares"
+                    )
+                del self.ended[trial_id]
                 continue
             group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(path.read_text())))
-            if placement_group_table(group).get("state") == "CREATED":
+            if placement_group_table(group).get("state") not in (None, "REMOVED"):  # None: not of this Ray session
                 log.info("sweep: freeing the workers of ended trial %s", trial_id)
                 remove_placement_group(group)
+            del self.ended[trial_id]
 
 
 def _trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
@@ -210,8 +247,9 @@ def _absolute(cfg: SweepConfig) -> SweepConfig:
     )
 
 
-def _max_concurrent(cfg: SweepConfig, configs: list[PretrainConfig]) -> int:
-    """As many trials as the cluster holds at once, one CPU left to Ray Data (or the configured number)."""
+def max_concurrent_trials(cfg: SweepConfig, configs: list[PretrainConfig]) -> int:
+    """The configured number, or as many trials as the cluster holds at once: each sized by the largest trial's
+    ScalingConfig (workers x CPUs per worker, plus its Tune driver; GPUs when used), one CPU left to Ray Data."""
     if cfg.max_concurrent_trials:
         return cfg.max_concurrent_trials
     have = ray.cluster_resources()
@@ -232,7 +270,7 @@ def _tuner(cfg: SweepConfig, configs: list[PretrainConfig], max_t: int) -> Any:
     if path.exists() and tune.Tuner.can_restore(str(path)):
         print(f"sweep: resuming {path}: finished trials are kept, unfinished and failed ones continue")
         return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
-    concurrent = _max_concurrent(cfg, configs)
+    concurrent = max_concurrent_trials(cfg, configs)
     print(f"sweep: new experiment in {path}, up to {concurrent} trial(s) at once, ASHA max_t {max_t} reports")
     scheduler = ASHAScheduler(
         time_attr="training_iteration", grace_period=cfg.grace_period, max_t=max_t, reduction_factor=2
