@@ -1,0 +1,99 @@
+"""A tiny generator checkpoint and a running Serve app of it, shared by the serve tests."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dreamdiff.config import ServeConfig
+from dreamdiff.models.conditioner import ConditionerConfig
+from dreamdiff.models.diffusion import TinyDiffusionConfig, build_tiny_sd, load_sd_components
+from dreamdiff.models.eeg_diffusion import GeneratorSpec, build_eeg_diffusion
+from dreamdiff.models.generator import save_generator
+from dreamdiff.models.msm import MSMConfig
+
+TOKEN = "tiny-test-token"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny generator (8 px pixel-space SD, tiny MSM encoder) saved as a checkpoint folder."""
+    folder = tmp_path_factory.mktemp("serve-model")
+    torch.manual_seed(0)
+    sd_cfg = TinyDiffusionConfig(
+        sample_size=8, block_out_channels=[32, 32], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"]
+    )
+    sd = build_tiny_sd(sd_cfg, folder / "tiny-sd")
+    spec = GeneratorSpec(
+        base_model=str(sd),
+        msm=MSMConfig(preset="tiny"),
+        conditioner=ConditionerConfig(context_dim=64, clip_dim=32),
+        trainable="cross_attention",
+        image_size=8,
+    )
+    return save_generator(build_eeg_diffusion(spec, load_sd_components(str(sd))), spec, folder / "generator")
+
+
+@pytest.fixture
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def make_eeg() -> Callable[..., np.ndarray]:
+    def make(channels: int = 128, samples: int = 512, seed: int = 0) -> np.ndarray:
+        return np.random.default_rng(seed).standard_normal((channels, samples)).astype(np.float32)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def token() -> str:
+    return TOKEN
+
+
+@pytest.fixture(scope="module")
+def serve_app(
+    ray_local: None, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServeConfig]:
+    """One running Serve app per test module (a start costs seconds), shut down at the module's end: the demo
+    config on the tiny checkpoint, auth on, a free port, limits small enough for tests to reach."""
+    from ray import serve
+
+    from dreamdiff.serve.app import config_from_args
+    from dreamdiff.serve.runner import start
+
+    token_file = tmp_path_factory.mktemp("serve-auth") / "token"
+    token_file.write_text(TOKEN + "\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = config_from_args(
+        {
+            "config": "serve-demo",
+            "checkpoint": str(tiny_checkpoint),
+            "port": port,
+            "auth": {"enabled": True, "token_file": str(token_file)},
+            "defaults.steps": 4,
+            "limits.max_body_bytes": 2**21,
+            "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+            "num_cpus": 0.5,
+        }
+    )
+    start(cfg)
+    try:
+        yield cfg
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def url(serve_app: ServeConfig) -> str:
+    return f"http://127.0.0.1:{serve_app.port}"

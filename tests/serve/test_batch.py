@@ -1,0 +1,277 @@
+"""Batch generation on Ray Data: every EEG's images once, batching-independent seeds, resume after a kill.
+
+Shards are written here straight through the schema module (two paired subjects, one EEG-only), with a done-marker
+per subject as preprocess writes them; the generator is a tiny untrained one saved as a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from dreamdiff.cli import main
+from dreamdiff.config import GenerateConfig
+from dreamdiff.data.preprocess import DONE
+from dreamdiff.data.schema import epoch_schema, paired_schema, to_table
+from dreamdiff.eval.evaluate import eeg_seed
+from dreamdiff.models.conditioner import ConditionerConfig
+from dreamdiff.models.diffusion import TinyDiffusionConfig, build_tiny_sd, load_sd_components
+from dreamdiff.models.eeg_diffusion import GeneratorSpec, build_eeg_diffusion
+from dreamdiff.models.generator import Generator, save_generator
+from dreamdiff.models.msm import MSMConfig
+from dreamdiff.serve.batch import run
+
+# diffusers 0.42's DPMSolverMultistepScheduler calls np.array on a torch tensor, which numpy 2 flags
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
+ROOT = Path(__file__).resolve().parents[2]
+PAIRED_ROWS, EPOCH_ROWS = 20, 10  # per paired subject (2 of them; 5 test rows each), EEG-only subject
+SPLITS = ["train"] * 12 + ["val"] * 3 + ["test"] * 5
+
+
+def _png(colour: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (colour, 0, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _write_subject(folder: Path, columns: dict[str, Any], paired: bool) -> None:
+    folder.mkdir(parents=True)
+    schema = paired_schema() if paired else epoch_schema()
+    pq.write_table(to_table(columns, schema), folder / "part-00000.parquet")
+    (folder / DONE).write_text(json.dumps({"files": ["part-00000.parquet"]}))
+
+
+def _epoch_columns(dataset: str, subject: int, n: int, rng: np.random.Generator) -> dict[str, Any]:
+    start = np.arange(n) * 512
+    return {
+        "epoch_id": [f"{dataset}/{subject}/0/0/{s}" for s in start],
+        "eeg": rng.standard_normal((n, 128, 512)).astype(np.float16),
+        "channel_mask": np.ones((n, 128), dtype=np.uint8),
+        "dataset": [dataset] * n,
+        "subject": np.full(n, subject, dtype=np.int32),
+        "session": ["0"] * n,
+        "run": ["0"] * n,
+        "start": start,
+        "sfreq": np.full(n, 250.0, dtype=np.float32),
+        "n_channels_orig": np.full(n, 128, dtype=np.int16),
+    }
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("batch")
+    rng = np.random.default_rng(0)
+    eeg: dict[str, np.ndarray] = {}
+    for subject in (1, 2):
+        columns = _epoch_columns("Synth EEG/Image", subject, PAIRED_ROWS, rng)  # a name that needs sanitising
+        columns.update(
+            image=[_png(i) for i in range(PAIRED_ROWS)],
+            image_id=[f"img-{i}" for i in range(PAIRED_ROWS)],
+            label=np.arange(PAIRED_ROWS, dtype=np.int32) % 4,
+            class_name=[f"class-{i % 4}" for i in range(PAIRED_ROWS)],
+            split=SPLITS,
+            block=np.zeros(PAIRED_ROWS, dtype=np.int32),
+        )
+        _write_subject(root / "shards" / "paired" / f"subject-{subject}", columns, paired=True)
+        eeg.update(zip(columns["epoch_id"], columns["eeg"], strict=True))
+    columns = _epoch_columns("Rest", 3, EPOCH_ROWS, rng)
+    _write_subject(root / "shards" / "epochs" / "subject-3", columns, paired=False)
+    eeg.update(zip(columns["epoch_id"], columns["eeg"], strict=True))
+
+    torch.manual_seed(0)
+    sd = build_tiny_sd(
+        TinyDiffusionConfig(
+            sample_size=8, block_out_channels=[32, 32], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"]
+        ),
+        root / "tiny-sd",
+    )
+    spec = GeneratorSpec(
+        base_model=str(sd),
+        msm=MSMConfig(preset="tiny"),
+        conditioner=ConditionerConfig(context_dim=64, clip_dim=32),
+        image_size=8,
+    )
+    save_generator(build_eeg_diffusion(spec, load_sd_components(str(sd))), spec, root / "generator")
+    return {"root": root, "shards": root / "shards", "generator": root / "generator", "eeg": eeg}
+
+
+def _config(world: dict[str, Any], output: str, **kw: Any) -> dict[str, Any]:
+    base = {
+        "input": str(world["shards"]),
+        "output": str(world["root"] / output),
+        "checkpoint": str(world["generator"]),
+        "num_images": 2,
+        "steps": 4,
+        "splits": ["test"],
+        "batch_size": 3,
+        "max_actors": 2,
+    }
+    return {**base, **kw}
+
+
+def _check_output(output: Path, expected_ids: set[str], num_images: int) -> dict[str, list[str]]:
+    """Every expected EEG indexed once with num_images existing PNGs; no other PNG, no .tmp; index files agree."""
+    index = pq.read_table(output / "index.parquet").to_pylist()
+    assert json.loads((output / "index.json").read_text()) == index
+    ids = [row["epoch_id"] for row in index]
+    assert len(ids) == len(set(ids)) and set(ids) == expected_ids
+    listed = [p for row in index for p in row["images"]]
+    assert all(len(row["images"]) == num_images for row in index) and len(listed) == len(set(listed))
+    on_disk = {p.relative_to(output).as_posix() for p in (output / "images").rglob("*") if p.is_file()}
+    assert on_disk == set(listed)
+    assert not list(output.rglob("*.tmp"))
+    assert all(" " not in p and "/" not in Path(p).name for p in listed)
+    return {row["epoch_id"]: row["images"] for row in index}
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+@pytest.mark.slow
+def test_every_eeg_gets_its_images_once_whatever_the_batching(ray_local: None, world: dict[str, Any]) -> None:
+    test_ids = {e for e in world["eeg"] if e.startswith("Synth") and int(e.rsplit("/", 1)[1]) // 512 >= 15}
+    first = run(GenerateConfig(**_config(world, "a")))
+    assert (first["selected"], first["generated"], first["images"]) == (10, 10, 20)
+    images = _check_output(world["root"] / "a", test_ids, 2)
+    index = pq.read_table(world["root"] / "a" / "index.parquet").to_pylist()
+    assert {r["split"] for r in index} == {"test"} and {r["sampler"] for r in index} == {"dpm++"}
+    assert len({r["model"] for r in index}) == 1 and len(list((world["root"] / "a" / "index").glob("*"))) == 4
+
+    # the images are the generator's, from seed eeg_seed(seed, epoch_id)
+    eid = sorted(images)[0]
+    direct = Generator.load(world["generator"]).generate(
+        world["eeg"][eid][None].astype(np.float32), 2, steps=4, seed=[eeg_seed(0, eid)]
+    )
+    assert [r["seed"] for r in index if r["epoch_id"] == eid] == [eeg_seed(0, eid)]
+    for j, path in enumerate(images[eid]):
+        assert np.array_equal(_pixels(world["root"] / "a" / path), direct[0, j])
+
+    # other batching, a seeded subset: the same file names and pixels for the same EEG ids
+    other = run(GenerateConfig(**_config(world, "b", batch_size=4, max_eeg=6, min_actors=1, max_actors=1)))
+    assert other["generated"] == 6
+    chosen = set(_ids(world["root"] / "b"))
+    assert len(chosen) == 6 and chosen < test_ids
+    subset = _check_output(world["root"] / "b", chosen, 2)
+    for eid, paths in subset.items():
+        assert paths == images[eid]
+        for path in paths:
+            assert np.array_equal(_pixels(world["root"] / "b" / path), _pixels(world["root"] / "a" / path))
+
+    # a re-run finds everything done; other sampling settings into the same folder are refused
+    again = run(GenerateConfig(**_config(world, "a", batch_size=5)))
+    assert (again["skipped"], again["generated"]) == (10, 0)
+    assert _check_output(world["root"] / "a", test_ids, 2) == images
+
+
+def _ids(output: Path) -> list[str]:
+    return pq.read_table(output / "index.parquet").column("epoch_id").to_pylist()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_duplicates(ray_local: None, world: dict[str, Any], tmp_path: Path) -> None:
+    import ray
+
+    output = world["root"] / "killed"
+    cfg = _config(world, "killed", splits=None, batch_size=1, max_actors=1)
+    (tmp_path / "gen.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # the job joins this test's Ray
+    job_log = tmp_path / "job.log"
+    with job_log.open("w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "jobs" / "batch_generate.py"), "--config", str(tmp_path / "gen.yaml")],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    parts = output / "index"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and len(list(parts.glob("*.parquet"))) < 2:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)  # no clean-up at all, actors mid-batch
+    proc.wait(timeout=60)
+    _wait_until_quiet(output)  # Ray kills the dead driver's actors
+    done_at_kill = len(list(parts.glob("*.parquet")))
+    total = 2 * PAIRED_ROWS + EPOCH_ROWS
+    assert 2 <= done_at_kill < total, f"the run should have been killed part-way: {job_log.read_text()[-2000:]}"
+    assert not (output / "index.parquet").exists()
+
+    # what else a kill can leave: a half-written file, and a finished part whose image went missing
+    broken = sorted(parts.glob("*.parquet"))[0]
+    lost = pq.read_table(broken).column("images").to_pylist()[0][0]
+    (output / lost).unlink()
+    (output / lost).with_name("half.png.tmp").write_bytes(b"\x89PNG")
+
+    resumed = run(GenerateConfig(**cfg))
+    assert resumed["skipped"] == done_at_kill - 1 and resumed["generated"] == total - done_at_kill + 1
+    images = _check_output(output, set(world["eeg"]), 2)
+    assert (output / lost).is_file() and len(list(parts.glob("*.parquet"))) == total
+    assert {row["split"] for row in pq.read_table(output / "index.parquet").to_pylist()} == {None}  # EEG-only read
+    assert all(_pixels(output / p).shape == (8, 8, 3) for paths in images.values() for p in paths)
+
+
+def _wait_until_quiet(folder: Path, quiet_s: float = 1.5, limit_s: float = 30) -> None:
+    """Until no file under `folder` has changed for `quiet_s`."""
+    end, last, since = time.time() + limit_s, None, time.time()
+    while time.time() < end:
+        state = sorted(p.as_posix() for p in folder.rglob("*"))  # names only: a .tmp may vanish under a stat
+        if state != last:
+            last, since = state, time.time()
+        elif time.time() - since >= quiet_s:
+            return
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["num_images=0"], "num_images: Input should be greater than or equal to 1"),
+        (["sampler=euler"], "sampler: Input should be 'dpm++', 'ddim' or 'plms'"),
+        (["min_actors=3", "max_actors=2"], "max_actors: must be >= min_actors (3)"),
+        (["batchsize=4"], "batchsize: unknown key"),
+        (["checkpoint={root}/nothing"], "checkpoint: {root}/nothing must be a generator folder"),
+        (["input={root}/nothing"], "input: no such shard folder"),
+        (["input={root}/generator"], "input: {root}/generator holds no finished shards"),
+        (["splits=[holdout]"], "splits: no rows of ['holdout']"),
+        (["input={root}/shards/epochs"], "splits: {root}/shards/epochs holds no paired shards"),
+        (["guidance_scale=3"], "guidance_scale: 3.0 needs a generator fine-tuned with condition dropout"),
+    ],
+)
+def test_bad_fields_are_named_before_any_work(
+    world: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str], overrides: list[str], expected: str
+) -> None:
+    path = tmp_path / "gen.yaml"
+    path.write_text(yaml.safe_dump(_config(world, "never")))
+    root = str(world["root"])
+    assert main(["generate", "--config", str(path), *(o.format(root=root) for o in overrides)]) == 2
+    err = capsys.readouterr().err
+    assert expected.format(root=root) in err and len(err.strip().splitlines()) == 1
+    assert not (world["root"] / "never").exists()
+
+
+def test_other_settings_into_a_used_output_are_refused(world: dict[str, Any], capsys: pytest.CaptureFixture) -> None:
+    output = world["root"] / "used"
+    output.mkdir()
+    settings = {"model": "0123", "checkpoint": "x", "num_images": 2, "seed": 0, "sampler": "dpm++", "steps": 4}
+    (output / "generation.json").write_text(json.dumps({**settings, "guidance_scale": 1.0}))
+    path = output.parent / "used.yaml"
+    path.write_text(yaml.safe_dump(_config(world, "used")))
+    assert main(["generate", "--config", str(path), "steps=5"]) == 2
+    err = capsys.readouterr().err
+    assert "output: " in err and "changed: model, checkpoint, steps" in err
+    assert sorted(p.name for p in output.iterdir()) == ["generation.json"]
