@@ -63,9 +63,22 @@ STAGES: dict[str, Stage] = {
     ),
     "serve": Stage(
         "Ray Serve EEG-to-image endpoint (batched, autoscaled)",
-        "Deploy the FastAPI ingress and the batching generator on Ray Serve, bound to the configured host.",
+        "Deploy the FastAPI ingress and the batching, autoscaled generator on Ray Serve, with the HTTP proxy on "
+        "the configured host and port (127.0.0.1:8000 by default); print the URL and serve until Ctrl-C. "
+        "`dreamdiff request EEG_FILE` talks to it.",
         "serve-demo.yaml",
-        None,
+        "dreamdiff.serve.runner:run",
+        7,
+    ),
+    "generate": Stage(
+        "batch EEG -> image generation over Parquet shards with Ray Data",
+        "Read shards (paired or EEG-only; optionally some splits, max_eeg of them) with Ray Data and run the "
+        "generator in an actor pool (one model load per actor, GPUs per actor from config); write num_images PNGs "
+        "per EEG under images/ and an index (index.parquet, index.json: EEG id -> image paths, seed, sampler, "
+        "steps, model). Seeds derive from the EEG id, so batching does not change an image; a re-run skips EEGs "
+        "already done.",
+        "generate-demo.yaml",
+        "dreamdiff.serve.batch:run",
         7,
     ),
     "evaluate": Stage(
@@ -106,7 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "demo":
             cmd.add_argument("--out", help="run folder (default: the config's output)")
             cmd.add_argument("--quick", action="store_true", help="the shortest run that still shows every stage")
+            cmd.add_argument(
+                "--ablations", action="store_true", help="also the paper's ablations: no pretraining, no CLIP, neither"
+            )
         cmd.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    from dreamdiff.serve import request_cli  # argparse only
+
+    request_cli.add_arguments(sub.add_parser("request", help=request_cli.HELP, description=request_cli.DESCRIPTION))
     return parser
 
 
@@ -116,19 +135,27 @@ def _demo_overrides(args: argparse.Namespace) -> list[str]:
         extra.append(f"output={args.out}")
     if getattr(args, "quick", False):
         extra.append("quick=true")
+    if getattr(args, "ablations", False):
+        extra.append("ablations=true")
     return extra
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.stage == "request":  # a client of `dreamdiff serve`, not a stage with a config
+        from dreamdiff.serve import request_cli
+
+        return request_cli.run(args)
     stage = STAGES[args.stage]
     from dreamdiff.config import dump_config, load_config  # heavy imports only after --help
+    from dreamdiff.locations import check_locations
 
     try:
         cfg = load_config(args.stage, args.config, [*args.overrides, *_demo_overrides(args)])
         if args.print_config:
             print(dump_config(cfg), end="")
             return 0
+        check_locations(args.stage, cfg)  # a URI where the stage cannot use one fails here, naming the field
         if stage.runner is None:
             print(
                 f"dreamdiff {args.stage}: config valid; stage not built yet (issue #{stage.issue})",

@@ -7,6 +7,7 @@ stage idempotent: a re-run skips subjects that have one, and a subject killed ha
 marker) is cleared and written again, so a killed-and-resumed run holds exactly the rows of an
 uninterrupted one. (Ray Data's own ``write_parquet`` commits per dataset, not per subject, so
 it cannot give that.) Memory per task is bounded by one recording plus one shard of rows.
+``output`` is a local path or a URI (dreamdiff.storage): on a cluster, an object store every node shares.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
+from dreamdiff import storage
 from dreamdiff.config import (
     ImageNetEEGSource,
     MOABBSource,
@@ -53,8 +53,8 @@ class SubjectTask:
     subject: int
     kind: str  # "epochs" | "paired"
 
-    def folder(self, output: str | Path) -> Path:
-        return Path(output) / self.kind / self.dataset / f"subject-{self.subject:04d}"
+    def folder(self, output: str | Path) -> str:
+        return storage.join(output, self.kind, self.dataset, f"subject-{self.subject:04d}")
 
 
 # -------------------------------------------------------------------------------- planning
@@ -228,7 +228,7 @@ ROWS = {MOABBSource: _moabb_rows, SynthSource: _synth_rows, ImageNetEEGSource: _
 class ShardWriter:
     """Buffers column chunks and writes `part-<k>.parquet` files of `rows_per_shard` rows, atomically."""
 
-    def __init__(self, folder: Path, schema: pa.Schema, rows_per_shard: int) -> None:
+    def __init__(self, folder: str, schema: pa.Schema, rows_per_shard: int) -> None:
         self.folder, self.schema, self.rows_per_shard = folder, schema, rows_per_shard
         self.pending: list[pa.Table] = []
         self.files: list[str] = []
@@ -249,21 +249,17 @@ class ShardWriter:
 
     def _write(self, table: pa.Table) -> None:
         name = f"part-{len(self.files):05d}.parquet"
-        tmp = self.folder / f".{name}.tmp"
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, self.folder / name)
+        self.bytes += storage.write_parquet(table, storage.join(self.folder, name), compression="zstd")
         self.files.append(name)
         self.rows += table.num_rows
-        self.bytes += (self.folder / name).stat().st_size
 
 
 def process_subject(cfg: PreprocessConfig, task: SubjectTask) -> dict[str, Any]:
     """Write one subject's shards and its done-marker; failures are returned, not raised."""
     folder = task.folder(cfg.output)
     began = time.perf_counter()
-    if folder.exists():
-        shutil.rmtree(folder)  # a half-written subject from a killed run
-    folder.mkdir(parents=True)
+    storage.remove_tree(folder)  # a half-written subject from a killed run
+    storage.makedirs(folder)
     source = cfg.sources[task.source]
     schema_of = paired_schema if task.kind == "paired" else epoch_schema
     writer = ShardWriter(folder, schema_of(128, cfg.signal.window), cfg.rows_per_shard)
@@ -273,7 +269,7 @@ def process_subject(cfg: PreprocessConfig, task: SubjectTask) -> dict[str, Any]:
             writer.add(columns)
         writer.close()
     except Exception as err:  # one bad subject must not sink the corpus; the manifest says why
-        shutil.rmtree(folder, ignore_errors=True)
+        storage.remove_tree(folder)
         return {**asdict(task), "status": "failed", "error": f"{type(err).__name__}: {err}"}
     summary = {
         **asdict(task),
@@ -284,7 +280,7 @@ def process_subject(cfg: PreprocessConfig, task: SubjectTask) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - began, 3),
         **info,
     }
-    (folder / DONE).write_text(json.dumps(summary, indent=1))
+    storage.write_text(storage.join(folder, DONE), json.dumps(summary, indent=1))
     return summary
 
 
@@ -308,10 +304,11 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
     from dreamdiff.ray_init import init_ray
 
     began = time.perf_counter()
-    output = Path(cfg.output)
+    output = storage.absolute(cfg.output)  # tasks may run on other nodes, in other working folders
     tasks = plan(cfg)
     record_config(cfg, output)
-    todo = [t for t in tasks if not (t.folder(output) / DONE).exists()]
+    markers = set(storage.find(output, DONE))  # one listing, not a request per subject
+    todo = [t for t in tasks if storage.join(t.folder(output), DONE) not in markers]
     log.info(
         "preprocess: %d subject(s), %d already done, %d to process",
         len(tasks),
@@ -323,21 +320,22 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
         init_ray(cfg.ray)
         items = [asdict(t) for t in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map(lambda row: process_subject(cfg, SubjectTask(**row)), num_cpus=1)
+        task_cfg = cfg.model_copy(update={"output": output})
+        ds = ds.map(lambda row: process_subject(task_cfg, SubjectTask(**row)), num_cpus=1)
         results = ds.take_all()
     manifest = write_manifest(cfg, tasks, results, time.perf_counter() - began)
     totals = manifest["totals"]
     print(
         f"preprocess: {totals['rows']} epochs from {totals['subjects_done']} subject(s) "
         f"({totals['bytes'] / 1e6:.1f} MB) in {manifest['wall_seconds']:.1f} s; "
-        f"{totals['subjects_failed']} failed; manifest: {output / 'manifest.json'}"
+        f"{totals['subjects_failed']} failed; manifest: {storage.join(output, 'manifest.json')}"
     )
     failed = [s for s in manifest["subjects"] if s["status"] == "failed"]
     if failed:  # finished subjects are kept; a re-run retries only these
         first = failed[0]
         raise DreamdiffError(
             f"{len(failed)} subject(s) failed, e.g. {first['dataset']} subject {first['subject']}: {first['error']} "
-            f"(all listed in {output / 'manifest.json'}; re-run to retry them)"
+            f"(all listed in {storage.join(output, 'manifest.json')}; re-run to retry them)"
         )
     return manifest
 
@@ -346,13 +344,17 @@ def write_manifest(
     cfg: PreprocessConfig, tasks: list[SubjectTask], results: list[dict[str, Any]], wall: float
 ) -> dict[str, Any]:
     """What was read, rows per subject, what failed and why; rebuilt from the markers each run."""
-    output = Path(cfg.output)
+    output = storage.absolute(cfg.output)
     failed = {(r["dataset"], r["subject"]): r for r in results if r["status"] == "failed"}
+    markers = set(storage.find(output, DONE))
+    wanted = [m for m in (storage.join(t.folder(output), DONE) for t in tasks) if m in markers]
+    with ThreadPoolExecutor(max_workers=16) as pool:  # object stores answer many small reads best in parallel
+        summaries = dict(zip(wanted, pool.map(lambda m: json.loads(storage.read_text(m)), wanted), strict=True))
     subjects = []
     for task in tasks:
-        marker = task.folder(output) / DONE
-        if marker.exists():
-            subjects.append(json.loads(marker.read_text()))
+        marker = storage.join(task.folder(output), DONE)
+        if marker in summaries:
+            subjects.append(summaries[marker])
         elif (task.dataset, task.subject) in failed:
             subjects.append(failed[(task.dataset, task.subject)])
     done = [s for s in subjects if s["status"] == "done"]
@@ -375,5 +377,5 @@ def write_manifest(
         },
         "wall_seconds": round(wall, 3),
     }
-    (output / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    storage.write_text(storage.join(output, "manifest.json"), json.dumps(manifest, indent=1))
     return manifest

@@ -1,4 +1,8 @@
-"""Reading shards for training: only subjects whose preprocessing finished, only the columns asked."""
+"""Reading shards for training: only subjects whose preprocessing finished, only the columns asked.
+
+`path` is a local folder or a URI (dreamdiff.storage); files come back in the same form, so a local run
+gets plain paths and a cluster run gets URIs that every node can open.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from pathlib import Path
 
 import ray.data
 
+from dreamdiff import storage
 from dreamdiff.data.preprocess import DONE
 from dreamdiff.errors import DreamdiffError
 
@@ -16,12 +21,13 @@ TRAIN_COLUMNS = ("eeg", "channel_mask")
 
 def shard_files(path: str | Path) -> list[str]:
     """Parquet files listed by the done-markers under `path` (a half-written subject is never read)."""
-    root = Path(path)
-    if not root.is_dir():
+    root = storage.normalise(path)
+    if not storage.exists(root) or storage.is_file(root):
         raise DreamdiffError(f"data: no such shard folder {path} (run `dreamdiff preprocess` first)")
     files = []
-    for marker in sorted(root.rglob(DONE)):
-        files += [str(marker.parent / name) for name in json.loads(marker.read_text())["files"]]
+    for marker in storage.find(root, DONE):
+        folder = storage.parent(marker)
+        files += [storage.join(folder, name) for name in json.loads(storage.read_text(marker))["files"]]
     if not files:
         raise DreamdiffError(f"data: {path} holds no finished shards (no {DONE} markers below it)")
     return files
