@@ -2,7 +2,7 @@
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . \
         --runtime-env-json '{"py_modules": ["platform/dreamdiff"]}' -- \
-        python jobs/batch_generate.py --config configs/generate-gpu.yaml input=/shared/shards max_eeg=100
+        python jobs/batch_generate.py --config configs/generate-gpu.yaml input=/shared/shards/paired max_eeg=100
 """
 
 import sys

@@ -4,8 +4,8 @@ From the repository root, against a cluster's dashboard address:
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . \
         --runtime-env-json '{"py_modules": ["platform/dreamdiff"]}' -- \
-        python jobs/evaluate.py --config configs/evaluate-demo.yaml checkpoint=/shared/runs/finetune-sd15 \
-        data=/shared/shards output=/shared/runs/evaluate-sd15
+        python jobs/evaluate.py --config configs/evaluate-demo.yaml checkpoint=/shared/runs/finetune-sd15/generator \
+        data=/shared/shards/paired output=/shared/runs/evaluate-sd15
 
 The stage runs in the job's driver process (torch alone, on the driver node's GPU if it has one); Ray
 only ships the code. Give `checkpoint`, `data`, `classifier` and `output` as paths the driver node can

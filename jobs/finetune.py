@@ -5,7 +5,7 @@ From the repository root, against a cluster's dashboard address:
     ray job submit --address http://127.0.0.1:8265 --working-dir . \
         --runtime-env-json '{"py_modules": ["platform/dreamdiff"]}' -- \
         python jobs/finetune.py --config configs/finetune-sd15.yaml \
-            data=/shared/shards output=/shared/runs/finetune encoder_checkpoint=/shared/runs/pretrain
+            data=/shared/shards/paired output=/shared/runs/finetune-sd15 encoder_checkpoint=/shared/runs/pretrain-large
 
 `--working-dir .` ships this checkout (configs/, jobs/) as the job's working directory; `py_modules` puts
 this checkout's `dreamdiff` on the driver's and every worker's path. Make `data`, `output` and
