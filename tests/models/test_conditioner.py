@@ -80,3 +80,17 @@ def test_clip_alignment_loss_is_one_minus_cosine() -> None:
     assert clip_alignment_loss(a, mixed).item() == pytest.approx((1.0 + 2.0) / 2)
     with pytest.raises(ValueError, match="batch, dim"):
         clip_alignment_loss(a, a[:1])
+
+
+def test_centred_clip_targets_subtract_the_training_mean_and_uncentred_ones_are_untouched() -> None:
+    plain = ClipHead(embed_dim=8, num_tokens=4, clip_dim=3)
+    centred = ClipHead.from_config(ConditionerConfig(clip_dim=3, clip_center=True), embed_dim=8, num_tokens=4)
+    emb = torch.tensor([[10.0, 1.0, 0.0], [10.0, -1.0, 0.0]])
+    assert plain.target(emb) is emb and "target_mean" not in plain.state_dict()
+    centred.target_mean.copy_(emb.mean(0))
+    assert torch.equal(centred.target(emb), torch.tensor([[0.0, 1.0, 0.0], [0.0, -1.0, 0.0]]))
+    assert "target_mean" in centred.state_dict()  # saved with the generator checkpoint
+    # why it matters: two images sharing one dominant direction are near-identical to the paper's raw loss
+    pred = torch.tensor([[0.0, 1.0, 0.0]])
+    assert clip_alignment_loss(pred + torch.tensor([[10.0, 0.0, 0.0]]), emb[1:]) < 0.02
+    assert clip_alignment_loss(pred, centred.target(emb[1:])) == pytest.approx(2.0)

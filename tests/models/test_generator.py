@@ -200,3 +200,12 @@ def test_bad_requests_are_named(trained: Generator, sd_folder: Path, tmp_path: P
     (folder / SPEC_FILE).write_text(json.dumps({"format_version": 99}))
     with pytest.raises(DreamdiffError, match="format_version 99"):
         Generator.load(folder)
+
+
+def test_the_clip_target_centre_travels_with_the_checkpoint(sd_folder: Path, tmp_path: Path) -> None:
+    spec = _spec(sd_folder)
+    spec = spec.model_copy(update={"conditioner": spec.conditioner.model_copy(update={"clip_center": True})})
+    gen = _generator(spec)
+    gen.model.clip_head.target_mean.copy_(torch.arange(32.0))
+    loaded = Generator.load(save_generator(gen.model, gen.spec, tmp_path / "centred"))
+    assert torch.equal(loaded.model.clip_head.target_mean, torch.arange(32.0))

@@ -28,3 +28,14 @@ def random_scale(eeg: torch.Tensor, low: float, high: float, generator: torch.Ge
     """Multiply each epoch by a random gain in [low, high] (amplitude varies across people and caps)."""
     gain = torch.empty(eeg.shape[0], 1, 1).uniform_(low, high, generator=generator)
     return eeg * gain.to(eeg.device, eeg.dtype)
+
+
+def augment_eeg(
+    eeg: torch.Tensor, max_crop: int, scale: tuple[float, float], generator: torch.Generator
+) -> torch.Tensor:
+    """The configured train-time transforms (an `augment` config section) on a batch [B, C, T]; identity when off."""
+    low, high = scale
+    if max_crop == 0 and low == high == 1.0:
+        return eeg
+    eeg = random_crop_resize(eeg.float(), max_crop, generator)
+    return random_scale(eeg, low, high, generator) if (low, high) != (1.0, 1.0) else eeg

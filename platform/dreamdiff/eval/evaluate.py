@@ -614,7 +614,8 @@ def run(cfg: EvaluateConfig, image_source: ImageSource | None = None) -> dict[st
     if done.eeg_emb is None:
         figures.update({f"retrieval_top_{k}": {"skipped": retrieval_skip} for k in RETRIEVAL_KS})
     else:
-        figures.update(eeg_image_retrieval(done.eeg_emb, done.scores["stim_emb"], image_ids))
+        keys = generator.model.clip_head.target(done.scores["stim_emb"].to(done.eeg_emb.dtype))
+        figures.update(eeg_image_retrieval(done.eeg_emb, keys, image_ids))
     if done.fid_real is not None and done.fid_fake is not None:
         distinct = np.unique(np.asarray(image_ids), return_index=True)[1]
         figures["fid"] = fid_or_reason(done.fid_real[torch.from_numpy(distinct)], done.fid_fake)

@@ -26,6 +26,12 @@ class ConditionerConfig(StrictModel):
         0.0, ge=0.0, lt=1.0, description="beyond the paper: condition dropout for classifier-free guidance"
     )
     clip_dim: int = Field(768, ge=1, description="CLIP image-embedding width (ViT-L/14: 768)")
+    clip_center: bool = Field(
+        False,
+        description="beyond the paper: align with CLIP embeddings minus their training-set mean (ClipHead.target). "
+        "Where the embeddings share one dominant direction (a random CLIP: cosine 0.99 between any two images) the "
+        "paper's loss is met by predicting that direction and teaches the encoder nothing",
+    )
 
 
 def _check_tokens(tokens: Tensor, num_tokens: int, embed_dim: int) -> None:
@@ -99,21 +105,35 @@ class EEGConditioner(nn.Module):
 
 
 class ClipHead(nn.Module):
-    """Encoder tokens [B, N, D] -> [B, clip_dim]: a 1x1 Conv1d that pools N tokens into one, then a Linear."""
+    """Encoder tokens [B, N, D] -> [B, clip_dim]: a 1x1 Conv1d that pools N tokens into one, then a Linear.
 
-    def __init__(self, *, embed_dim: int, num_tokens: int = 128, clip_dim: int = 768) -> None:
+    Its output lives in the space of `target(clip_embedding)`: the raw CLIP space (the paper), or, with
+    `center=True`, CLIP embeddings minus `target_mean`, the training images' mean embedding, which the
+    fine-tune driver sets once and the generator checkpoint keeps.
+    """
+
+    def __init__(self, *, embed_dim: int, num_tokens: int = 128, clip_dim: int = 768, center: bool = False) -> None:
         super().__init__()
         self.num_tokens, self.embed_dim = num_tokens, embed_dim
         self.pool = nn.Conv1d(num_tokens, 1, kernel_size=1)
         self.proj = nn.Linear(embed_dim, clip_dim)
+        self.target_mean: Tensor | None
+        self.register_buffer("target_mean", torch.zeros(clip_dim) if center else None)
 
     @classmethod
     def from_config(cls, cfg: ConditionerConfig, *, embed_dim: int, num_tokens: int = 128) -> ClipHead:
-        return cls(embed_dim=embed_dim, num_tokens=num_tokens, clip_dim=cfg.clip_dim)
+        return cls(embed_dim=embed_dim, num_tokens=num_tokens, clip_dim=cfg.clip_dim, center=cfg.clip_center)
 
     def forward(self, tokens: Tensor) -> Tensor:
         _check_tokens(tokens, self.num_tokens, self.embed_dim)
         return self.proj(self.pool(tokens).squeeze(1))
+
+    def target(self, clip_embedding: Tensor) -> Tensor:
+        """CLIP image embeddings [B, clip_dim] -> the space the head predicts in (what the loss and retrieval
+        compare the head's output with)."""
+        if self.target_mean is None:
+            return clip_embedding
+        return clip_embedding - self.target_mean.to(clip_embedding.device, clip_embedding.dtype)
 
 
 def clip_alignment_loss(pred: Tensor, target: Tensor) -> Tensor:

@@ -66,7 +66,8 @@ class EEGDiffusion(nn.Module):
         return self.conditioner(self.tokens(eeg, channel_mask), drop_mask)
 
     def clip_embedding(self, eeg: Tensor, channel_mask: Tensor | None = None) -> Tensor:
-        """EEG -> the CLIP-space vector [B, clip_dim] (e.g. for EEG -> image retrieval)."""
+        """EEG -> the CLIP head's vector [B, clip_dim], to compare with `clip_head.target(image embeddings)`
+        (e.g. for EEG -> image retrieval)."""
         return self.clip_head(self.tokens(eeg, channel_mask))
 
     def forward(
@@ -89,7 +90,7 @@ class EEGDiffusion(nn.Module):
         if clip_target is None:
             return sd_loss, None
         with torch.set_grad_enabled(clip_grad and torch.is_grad_enabled()):
-            clip_loss = clip_alignment_loss(self.clip_head(tokens), clip_target)
+            clip_loss = clip_alignment_loss(self.clip_head(tokens), self.clip_head.target(clip_target))
         return sd_loss, clip_loss
 
 

@@ -33,6 +33,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
 
 from dreamdiff.config import FinetuneConfig, PreviewSection, dump_config, record_config
+from dreamdiff.data.augment import augment_eeg
 from dreamdiff.data.reader import shard_files
 from dreamdiff.data.schema import PAIRED_COLUMNS
 from dreamdiff.errors import DreamdiffError
@@ -42,6 +43,7 @@ from dreamdiff.models.eeg_diffusion import ENCODER_PREFIX, GeneratorSpec, build_
 from dreamdiff.models.generator import Generator, save_generator
 from dreamdiff.models.msm import MSMConfig, MSMEncoder
 from dreamdiff.report import image_grid
+from dreamdiff.train.batches import ResumableBatches
 from dreamdiff.train.checkpoint import load_training_state, save_training_state, unwrap
 from dreamdiff.train.finetune_step import build_finetune_optimizer, finetune_train_step
 from dreamdiff.train.optim import WarmupCosine
@@ -81,6 +83,8 @@ def train_loop(config: dict[str, Any]) -> None:
     optimizer = build_finetune_optimizer(model, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
     if cfg.clip_weight == 0:  # the head gets no gradient (the ablation); DDP rejects parameters that never get one
         model.clip_head.requires_grad_(False)
+    if config["clip_mean"] is not None:  # the centre of the CLIP targets (ConditionerConfig.clip_center)
+        model.clip_head.target_mean.copy_(torch.as_tensor(config["clip_mean"]))
     position = {"step": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # this run restarted (failure or re-run): Ray hands back its latest checkpoint
@@ -95,62 +99,49 @@ def train_loop(config: dict[str, Any]) -> None:
     total = per_epoch * cfg.epochs
     schedule = WarmupCosine(cfg.optim.lr, cfg.optim.warmup_steps, total, cfg.optim.min_lr)
     shard = ray.train.get_dataset_shard("train")
+    batches = ResumableBatches(shard, micro=micro, per_epoch=per_epoch, epochs=cfg.epochs, seed=cfg.seed, rank=rank)
     step = position["step"]
     torch.manual_seed(cfg.seed + 1_000_003 * rank + step)  # timesteps and noise: fresh after a restart, per worker
+    aug_gen = torch.Generator().manual_seed(cfg.seed * 1000 + 17 * rank + step)
 
     window: list[dict[str, float]] = []
-    data_wait = 0.0
     tick, tick_step = time.perf_counter(), step
-    for epoch in range(step // per_epoch, cfg.epochs):
-        done_in_epoch = step - epoch * per_epoch  # > 0 when resuming in the middle of an epoch
-        batches = iter(
-            shard.iter_torch_batches(
-                batch_size=micro,
-                drop_last=True,
-                local_shuffle_buffer_size=4 * micro,
-                local_shuffle_seed=cfg.seed + 7919 * epoch + rank,
-            )
+    for epoch, index, (batch,) in batches.from_step(step):
+        batch["clip_target"] = batch.pop("clip_embedding")
+        batch["eeg"] = augment_eeg(batch["eeg"], cfg.augment.max_crop, cfg.augment.scale, aug_gen)
+        stats = finetune_train_step(
+            model,
+            components.noise_scheduler,
+            optimizer,
+            batch,
+            lr=schedule(step),
+            grad_clip=cfg.optim.grad_clip,
+            clip_weight=cfg.clip_weight,
+            autocast_dtype=autocast,
+            device=device,
         )
-        for index in range(per_epoch):
-            waited = time.perf_counter()
-            batch = next(batches)
-            data_wait += time.perf_counter() - waited
-            if index < done_in_epoch:
-                continue  # already trained before the restart: consume the data, keep the order
-            batch["clip_target"] = batch.pop("clip_embedding")
-            stats = finetune_train_step(
-                model,
-                components.noise_scheduler,
-                optimizer,
-                batch,
-                lr=schedule(step),
-                grad_clip=cfg.optim.grad_clip,
-                clip_weight=cfg.clip_weight,
-                autocast_dtype=autocast,
-                device=device,
-            )
-            step += 1
-            window.append(stats)
-            if cfg.inject_failure_at_step == step and rank == 0 and not (output / FAILED_ONCE).exists():
-                (output / FAILED_ONCE).touch()
-                raise RuntimeError(f"injected failure at step {step} (config inject_failure_at_step)")
-            save = step % cfg.checkpoint.every_steps == 0 or step == total
-            if step % cfg.log_every_steps and not save:
-                continue
-            elapsed = max(time.perf_counter() - tick, 1e-9)
-            metrics = {
-                "step": step,
-                "epoch": epoch + (index + 1) / per_epoch,
-                **{k: float(np.mean([w[k] for w in window])) for k in ("loss", "sd_loss", "clip_loss", "grad_norm")},
-                "lr": stats["lr"],
-                "samples_per_s": (step - tick_step) * cfg.batch_size / elapsed,
-                "data_wait_fraction": data_wait / elapsed,
-                "resumed_at": position["step"],
-            }
-            window, tick, tick_step, data_wait = [], time.perf_counter(), step, 0.0
-            _log(metrics, output, rank)
-            if save:  # a Ray Train report is a barrier across workers: only with checkpoints
-                _report(metrics, model, optimizer, rank, cfg)
+        step += 1
+        window.append(stats)
+        if cfg.inject_failure_at_step == step and rank == 0 and not (output / FAILED_ONCE).exists():
+            (output / FAILED_ONCE).touch()
+            raise RuntimeError(f"injected failure at step {step} (config inject_failure_at_step)")
+        save = step % cfg.checkpoint.every_steps == 0 or step == total
+        if step % cfg.log_every_steps and not save:
+            continue
+        elapsed = max(time.perf_counter() - tick, 1e-9)
+        metrics = {
+            "step": step,
+            "epoch": epoch + (index + 1) / per_epoch,
+            **{k: float(np.mean([w[k] for w in window])) for k in ("loss", "sd_loss", "clip_loss", "grad_norm")},
+            "lr": stats["lr"],
+            "samples_per_s": (step - tick_step) * cfg.batch_size / elapsed,
+            "data_wait_fraction": batches.take_wait() / elapsed,
+            "resumed_at": position["step"],
+        }
+        window, tick, tick_step = [], time.perf_counter(), step
+        _log(metrics, output, rank)
+        if save:  # a Ray Train report is a barrier across workers: only with checkpoints
+            _report(metrics, model, optimizer, rank, cfg)
     if rank == 0:
         inner = unwrap(model)
         save_generator(inner, spec, output / GENERATOR_DIR, info={"step": step, **config["provenance"]})
@@ -408,6 +399,12 @@ def _clip_weights(cfg: FinetuneConfig, output: Path) -> str | None:
     return str(path)
 
 
+def clip_mean(files: list[str]) -> np.ndarray:
+    """The mean CLIP image embedding over the precomputed training rows (the centre of the CLIP targets)."""
+    column = pq.read_table(files, columns=["clip_embedding"]).column("clip_embedding").combine_chunks()
+    return column.to_numpy_ndarray().astype(np.float64).mean(0).astype(np.float32)
+
+
 def _cache(files: list[str]) -> bool:
     """Keep the training rows in Ray's object store when they fit comfortably (under 25%)."""
     import ray
@@ -464,6 +461,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         "encoder_weights": checked["weights"],
         "preview": read_preview(checked["files"], cfg.preview, shape.image_size) if cfg.preview.eegs else None,
         "provenance": provenance,
+        "clip_mean": clip_mean(pre.files).tolist() if cfg.conditioner.clip_center else None,
     }
     world = max(1, cfg.scaling.num_workers)
     log.info(

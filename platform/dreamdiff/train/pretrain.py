@@ -10,6 +10,10 @@ the run from its storage folder): same step count, optimizer state and learning 
 With `probe_data` set, every checkpoint report also carries `probe_accuracy`: a linear probe on the
 frozen encoder's features of labelled EEG (dreamdiff.eval.probe), the score that sweeps compare.
 `build_trainer` is the driver without the `fit`, for callers that add callbacks (dreamdiff.tune).
+
+`data`, `probe_data` and `output` may be URIs (dreamdiff.storage): Ray Train keeps its checkpoints there
+(storage_path), and rank 0 writes metrics, plots and the weights into a local staging folder that it copies
+up at every checkpoint and at the end.
 """
 
 from __future__ import annotations
@@ -25,15 +29,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
+from dreamdiff import storage
 from dreamdiff.config import PretrainConfig, dump_config, record_config
-from dreamdiff.data.augment import random_crop_resize, random_scale
+from dreamdiff.data.augment import augment_eeg
 from dreamdiff.data.reader import TRAIN_COLUMNS, shard_files
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.eval.probe import chance_accuracy, load_probe_sets, probe_encoder
 from dreamdiff.models.msm import build_msm
+from dreamdiff.train.batches import ResumableBatches
 from dreamdiff.train.checkpoint import STATE_FILE, load_training_state, save_model, save_training_state, unwrap
 from dreamdiff.train.msm_plot import plot_reconstructions
 from dreamdiff.train.msm_step import msm_eval_loss, msm_train_step, zero_prediction_loss
@@ -59,23 +64,17 @@ def steps_per_epoch(cfg: PretrainConfig, rows: int, world: int) -> int:
     return (rows // world) // _micro_batch_size(cfg, world) // cfg.optim.grad_accum
 
 
-def _augment(eeg: torch.Tensor, cfg: PretrainConfig, generator: torch.Generator) -> torch.Tensor:
-    low, high = cfg.augment.scale
-    if cfg.augment.max_crop == 0 and low == high == 1.0:
-        return eeg
-    eeg = random_crop_resize(eeg.float(), cfg.augment.max_crop, generator)
-    return random_scale(eeg, low, high, generator) if (low, high) != (1.0, 1.0) else eeg
-
-
 def train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: build, maybe restore, train, report."""
     import ray.train
     import ray.train.torch
 
     cfg = PretrainConfig.model_validate(config["cfg"])
-    output = Path(config["output"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # rank 0 writes the run folder's own files: in place when local, else staged and copied up at checkpoints
+    staging = storage.LocalStaging(config["output"], pull=(METRICS_FILE,)) if rank == 0 else None
+    failure_marker = storage.join(config["output"], FAILED_ONCE)
     device = ray.train.torch.get_device()
     use_bf16 = cfg.precision == "bf16" and device.type == "cuda"
 
@@ -103,71 +102,61 @@ def train_loop(config: dict[str, Any]) -> None:
     probe = config["probe"]
     shard = ray.train.get_dataset_shard("train")
     aug_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    batches = ResumableBatches(
+        shard, micro=micro, per_epoch=per_epoch, epochs=cfg.epochs, seed=cfg.seed, rank=rank, group=cfg.optim.grad_accum
+    )
 
     step = position["step"]
     window: list[dict[str, float]] = []
-    data_wait = 0.0  # seconds spent waiting for input since the last report: input-bound if large
     tick, tick_step = time.perf_counter(), step
-    for epoch in range(step // per_epoch, cfg.epochs):
-        done_in_epoch = step - epoch * per_epoch  # > 0 when resuming in the middle of an epoch
-        batches = iter(
-            shard.iter_torch_batches(
-                batch_size=micro,
-                drop_last=True,
-                local_shuffle_buffer_size=4 * micro,
-                local_shuffle_seed=cfg.seed + 7919 * epoch + rank,
-            )
+    for epoch, index, group in batches.from_step(step):
+        for item in group:
+            item["eeg"] = augment_eeg(item["eeg"], cfg.augment.max_crop, cfg.augment.scale, aug_gen)
+        stats = msm_train_step(
+            model,
+            optimizer,
+            group,
+            lr=schedule(step),
+            grad_clip=cfg.optim.grad_clip,
+            autocast_dtype=torch.bfloat16 if use_bf16 else None,
+            device=device,
         )
-        for index in range(per_epoch):
-            waited = time.perf_counter()
-            group = [next(batches) for _ in range(cfg.optim.grad_accum)]
-            data_wait += time.perf_counter() - waited
-            if index < done_in_epoch:
-                continue  # already trained before the restart: consume the data, keep the order
-            for item in group:
-                item["eeg"] = _augment(item["eeg"], cfg, aug_gen)
-            stats = msm_train_step(
-                model,
-                optimizer,
-                group,
-                lr=schedule(step),
-                grad_clip=cfg.optim.grad_clip,
-                autocast_dtype=torch.bfloat16 if use_bf16 else None,
-                device=device,
-            )
-            step += 1
-            window.append(stats)
-            if cfg.inject_failure_at_step == step and rank == 0 and not (output / FAILED_ONCE).exists():
-                (output / FAILED_ONCE).touch()
-                raise RuntimeError(f"injected failure at step {step} (config inject_failure_at_step)")
-            save = step % cfg.checkpoint.every_steps == 0 or step == total
-            if step % cfg.log_every_steps and not save:
-                continue
-            elapsed = time.perf_counter() - tick
+        step += 1
+        window.append(stats)
+        if cfg.inject_failure_at_step == step and rank == 0 and not storage.exists(failure_marker):
+            storage.write_text(failure_marker, "")
+            raise RuntimeError(f"injected failure at step {step} (config inject_failure_at_step)")
+        save = step % cfg.checkpoint.every_steps == 0 or step == total
+        if save or step % cfg.log_every_steps == 0:
+            elapsed = max(time.perf_counter() - tick, 1e-9)
             metrics = {
                 "step": step,
                 "epoch": epoch + (index + 1) / per_epoch,
                 "loss": float(np.mean([w["loss"] for w in window])),
                 "grad_norm": float(np.mean([w["grad_norm"] for w in window])),
                 "lr": stats["lr"],
-                "samples_per_s": (step - tick_step) * cfg.batch_size / max(elapsed, 1e-9),
-                "data_wait_fraction": data_wait / max(elapsed, 1e-9),
+                "samples_per_s": (step - tick_step) * cfg.batch_size / elapsed,
+                "data_wait_fraction": batches.take_wait() / elapsed,
                 "val_loss": msm_eval_loss(model, val, device=device, generator=torch.Generator().manual_seed(val_seed)),
                 "val_loss_zero_prediction": zero_loss,
                 "resumed_at": position["step"],
             }
             if save and probe is not None:  # outside the timed window: probing is not training throughput
                 metrics.update(_probe(model, probe, rank))
-            window, tick, tick_step, data_wait = [], time.perf_counter(), step, 0.0
-            _log(metrics, output, rank)
+            window, tick, tick_step = [], time.perf_counter(), step
+            if staging:
+                _log(metrics, staging.path)
             if save:  # a Ray Train report is a barrier across workers: only with checkpoints
                 _report(metrics, model, optimizer, rank, cfg)
-        last_epoch = epoch == cfg.epochs - 1
-        if rank == 0 and ((epoch + 1) % cfg.plot_every_epochs == 0 or last_epoch):
-            plot = output / "plots" / f"reconstruction-epoch{epoch + 1:04d}.png"
+                if staging:
+                    staging.sync()
+        end_of_epoch = index == per_epoch - 1
+        if staging and end_of_epoch and ((epoch + 1) % cfg.plot_every_epochs == 0 or epoch == cfg.epochs - 1):
+            plot = staging.path / "plots" / f"reconstruction-epoch{epoch + 1:04d}.png"
             _plot(unwrap(model), val, plot, f"epoch {epoch + 1}", val_seed)
-    if rank == 0:
-        save_model(model, output / ENCODER_FILE, metadata={"step": str(step), "preset": str(cfg.model.preset)})
+    if staging:
+        save_model(model, staging.path / ENCODER_FILE, metadata={"step": str(step), "preset": str(cfg.model.preset)})
+        staging.close()
 
 
 def _probe(model: torch.nn.Module, sets: dict[str, np.ndarray], rank: int) -> dict[str, float]:
@@ -180,10 +169,8 @@ def _probe(model: torch.nn.Module, sets: dict[str, np.ndarray], rank: int) -> di
     }
 
 
-def _log(metrics: dict[str, float], output: Path, rank: int) -> None:
+def _log(metrics: dict[str, float], output: Path) -> None:
     """Rank 0 appends to metrics.jsonl and logs a line."""
-    if rank != 0:
-        return
     with open(output / METRICS_FILE, "a") as f:
         f.write(json.dumps(metrics) + "\n")
     log.info(
@@ -242,7 +229,7 @@ def read_rows(files: list[str], n: int) -> dict[str, np.ndarray]:
     """The first `n` rows of the training columns (a fixed validation batch)."""
     tables = []
     for file in files:
-        tables.append(pq.read_table(file, columns=list(TRAIN_COLUMNS)))
+        tables.append(storage.read_parquet(file, columns=list(TRAIN_COLUMNS)))
         if sum(t.num_rows for t in tables) >= n:
             break
     table = pa.concat_tables(tables).slice(0, n)
@@ -256,6 +243,7 @@ def latest_checkpoint(run_folder: str | Path) -> Path | None:
 
 
 def _resume_folder(resume_from: str | None) -> str | None:
+    resume_from = storage.require_local(resume_from, "resume_from")
     if resume_from is None:
         return None
     path = Path(resume_from)
@@ -267,13 +255,13 @@ def _resume_folder(resume_from: str | None) -> str | None:
     return str(latest.resolve())
 
 
-def _cache(cfg: PretrainConfig, files: list[str]) -> bool:
+def _cache(cfg: PretrainConfig, rows: int) -> bool:
     """Keep the decoded windows in Ray's object store when they fit comfortably (auto: under 25%)."""
     import ray
 
     if cfg.cache_data != "auto":
         return cfg.cache_data == "yes"
-    decoded = sum(pq.ParquetFile(f).metadata.num_rows for f in files) * 128 * cfg.model.num_samples * 2
+    decoded = rows * 128 * cfg.model.num_samples * 2
     return decoded < 0.25 * ray.available_resources().get("object_store_memory", 0)
 
 
@@ -292,7 +280,7 @@ class RunPlan:
 def plan_run(cfg: PretrainConfig) -> RunPlan:
     """Split the shard files and count steps; a batch that does not fit the workers or the data fails here."""
     train_files, val_files = split_files(shard_files(cfg.data), cfg.val_fraction)
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in train_files)
+    rows = sum(storage.parquet_rows(train_files))
     world = max(1, cfg.scaling.num_workers)
     if cfg.batch_size % (world * cfg.optim.grad_accum):
         raise DreamdiffError(
@@ -324,23 +312,27 @@ def build_trainer(cfg: PretrainConfig, callbacks: Sequence[Any] = ()) -> Any:
 
     from dreamdiff.ray_init import init_ray
 
-    output = Path(cfg.output).resolve()
+    output = storage.absolute(cfg.output)
     plan = plan_run(cfg)
     resume_from = _resume_folder(cfg.resume_from)
     probe = _probe_sets(cfg)
     record_config(cfg, output)
-    (output / SPLIT_FILE).write_text(json.dumps({"train": plan.train_files, "held_out": plan.val_files}, indent=1))
+    split = json.dumps({"train": plan.train_files, "held_out": plan.val_files}, indent=1)
+    storage.write_text(storage.join(output, SPLIT_FILE), split)
     init_ray(cfg.ray)
+    data_fs, _ = storage.resolve(plan.train_files[0])
     dataset = (
-        ray.data.read_parquet(plan.train_files).select_columns(list(TRAIN_COLUMNS)).randomize_block_order(seed=cfg.seed)
+        ray.data.read_parquet([storage.resolve(f)[1] for f in plan.train_files], filesystem=data_fs)
+        .select_columns(list(TRAIN_COLUMNS))
+        .randomize_block_order(seed=cfg.seed)
     )
     dataset.context.enable_progress_bars = False  # the loop logs its own progress, per step
-    if _cache(cfg, plan.train_files):
+    if _cache(cfg, plan.rows):
         dataset = dataset.materialize()  # read once: later epochs iterate the object store
     loop_config = {
         "cfg": cfg.model_dump(mode="json"),
         "rows": plan.rows,
-        "output": str(output),
+        "output": output,
         "val": read_rows(plan.val_files, cfg.val_rows),
         "probe": probe,
         "resume_from": resume_from,
@@ -354,6 +346,7 @@ def build_trainer(cfg: PretrainConfig, callbacks: Sequence[Any] = ()) -> Any:
         plan.steps_per_epoch,
         "" if probe is None else f", probe on {len(probe['train_label'])} + {len(probe['test_label'])} windows",
     )
+    checkpoints_fs, checkpoints = storage.resolve(storage.join(output, "ray"))
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -364,7 +357,8 @@ def build_trainer(cfg: PretrainConfig, callbacks: Sequence[Any] = ()) -> Any:
         ),
         run_config=ray.train.RunConfig(
             name="train",
-            storage_path=str(output / "ray"),
+            storage_path=checkpoints,
+            storage_filesystem=checkpoints_fs if storage.is_remote(output) else None,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             callbacks=list(callbacks),
@@ -381,6 +375,6 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         f"pretrain: step {metrics.get('step')}  loss {metrics.get('loss', float('nan')):.4f}  "
         f"val {metrics.get('val_loss', float('nan')):.4f} (zero prediction "
         f"{metrics.get('val_loss_zero_prediction', float('nan')):.4f}){probe}; "
-        f"weights: {Path(cfg.output).resolve() / ENCODER_FILE}"
+        f"weights: {storage.join(storage.absolute(cfg.output), ENCODER_FILE)}"
     )
     return metrics

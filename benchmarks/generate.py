@@ -1,0 +1,101 @@
+"""Latency of generation: one EEG -> N images (the same `Generator.generate` Serve and batch generation run).
+
+SD 1.5 UNet + VAE + the MSM large encoder and conditioner at 512 px, random weights, no guidance. Prints one JSON
+line per setting: seconds per EEG (mean of `--repeats` after a warm-up), images/s, peak GPU memory and the
+ratio to BENCHMARKS.md's reference (fp32 PLMS 250 steps: 39.4 s + 0.46 s VAE decode per EEG on an H200).
+
+    python benchmarks/generate.py --tiny              # CPU smoke test (tiny models, 16 px, 4 steps)
+    python benchmarks/generate.py --suite gpu         # reference setting, then ours (bf16 weights, DPM++ 25)
+    python benchmarks/generate.py --dtype bf16 --steps 25 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+from sd_shapes import device_name, eeg_diffusion, peak_memory_gb, sd_components, synchronize
+
+from dreamdiff.models.generator import Generator
+
+REFERENCE_DEVICE = "NVIDIA H200"
+REFERENCE_S_PER_EEG = 39.4 + 0.46  # fp32, PLMS 250 steps, 5 images, 512 px
+# (sampler, steps, dtype): the reference setting and ours
+GPU_SUITE = [("plms", 250, "fp32"), ("dpm++", 25, "bf16"), ("dpm++", 20, "bf16")]
+
+
+def build(device: torch.device, dtype: str, tiny: bool, compile_: bool) -> Generator:
+    torch.manual_seed(0)
+    components = sd_components(tiny, device)
+    model = eeg_diffusion(components, tiny).eval().requires_grad_(False)
+    if dtype == "bf16":  # weights in bf16 (inference only), not autocast: no per-op casts
+        model.to(torch.bfloat16)
+        components.vae.to(torch.bfloat16)
+    if compile_:
+        components.unet.forward = torch.compile(components.unet.forward, mode="max-autotune-no-cudagraphs")
+    return Generator(model, components)
+
+
+def measure(
+    generator: Generator, sampler: str, steps: int, images: int, repeats: int, dtype: str, compile_: bool
+) -> dict[str, Any]:
+    device = generator.device
+    eeg = torch.randn(1, 128, 512)
+    generator.generate(eeg, num_images=images, steps=steps, sampler=sampler, seed=0)  # warm-up (and compile)
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for i in range(repeats):
+        out = generator.generate(eeg, num_images=images, steps=steps, sampler=sampler, seed=i)
+    synchronize(device)
+    per_eeg = (time.perf_counter() - start) / repeats
+    full_size = generator.spec.image_size == 512 and images == 5
+    return {
+        "name": "generate",
+        "image_px": int(out.shape[2]),
+        "images_per_eeg": images,
+        "sampler": sampler,
+        "steps": steps,
+        "dtype": dtype,
+        "compile": compile_,
+        "device": device_name(device),
+        "s_per_eeg": round(per_eeg, 4),
+        "images_per_s": round(images / per_eeg, 2),
+        "peak_mem_gb": peak_memory_gb(device),
+        "reference_device": REFERENCE_DEVICE,
+        "speedup_vs_reference": round(REFERENCE_S_PER_EEG / per_eeg, 1) if full_size else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sampler", choices=["dpm++", "ddim", "plms"], default="dpm++")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--images", type=int, default=5)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call)")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny models, 16 px, 4 steps, 1 repeat")
+    p.add_argument("--suite", choices=["gpu"], help="gpu: fp32 PLMS 250 (reference), bf16 DPM++ 25 and 20")
+    args = p.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
+    if args.tiny:
+        args.steps, args.repeats = 4, 1
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    runs = GPU_SUITE if args.suite == "gpu" else [(args.sampler, args.steps, dtype)]
+    built: dict[str, Generator] = {}
+    for sampler, steps, run_dtype in runs:
+        if run_dtype not in built:
+            built.clear()  # one model on the device at a time
+            built[run_dtype] = build(device, run_dtype, args.tiny, args.compile)
+        row = measure(built[run_dtype], sampler, steps, args.images, args.repeats, run_dtype, args.compile)
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
