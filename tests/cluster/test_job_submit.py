@@ -149,7 +149,8 @@ def test_preprocess_and_pretrain_jobs_succeed_on_a_token_auth_head(head: Head, t
         "preprocess-e2e",
         ["--working-dir", ".", "--runtime-env-json", '{"py_modules": ["platform/dreamdiff"]}'],
         ["python", "jobs/preprocess.py", "--config", "configs/preprocess-demo.yaml", f"output={shards}",
-         "sources.0.synth.num_subjects=1", "sources.1.fake=[{n_subjects: 1, sfreq: 250, duration: 60}]"],
+         "sources.0.synth.num_subjects=1", "sources.0.synth.repeats=1",
+         "sources.1.fake=[{n_subjects: 1, sfreq: 250, duration: 60}]"],
     )  # fmt: skip
     manifest = json.loads((shards / "manifest.json").read_text())
     assert manifest["totals"]["subjects_done"] == 2 and manifest["totals"]["subjects_failed"] == 0, logs
