@@ -1,35 +1,110 @@
-"""`dreamdiff demo --quick` end-to-end on the session's local Ray: stages, metrics, report, resume."""
+"""`dreamdiff demo --quick` end-to-end on the session's local Ray: every stage, metrics, report, browser, resume."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from dreamdiff.cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["preprocess", "pretrain", "finetune", "sweep", "evaluate", "serve", "generate"]
+# where the browser's screenshot of the report is kept (CI keeps test-artifacts/)
+ARTIFACTS = Path(os.environ.get("DREAMDIFF_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PORT = _free_port()  # one port for the module: a re-run must present the same config
+
+
+@pytest.fixture(scope="module")
+def quick_demo(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert main(["demo", "--quick", "--out", str(out), f"serve.port={PORT}"]) == 0
+    return out
+
 
 @pytest.mark.slow
-def test_quick_demo_runs_every_built_stage_and_reports(
-    ray_local: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
-    stages = json.loads((out / "stages.json").read_text())
-    assert {name: s["status"] for name, s in stages.items()} == {"preprocess": "done", "pretrain": "done"}
-    metrics = json.loads((out / "metrics.json").read_text())
+def test_quick_demo_runs_every_stage_and_beats_chance(quick_demo: Path) -> None:
+    stages = json.loads((quick_demo / "stages.json").read_text())
+    assert list(stages) == STAGES and all(s["status"] == "done" for s in stages.values())
+    metrics = json.loads((quick_demo / "metrics.json").read_text())
     assert metrics["preprocess"]["subjects_failed"] == 0 and metrics["preprocess"]["rows"] > 0
-    pre = metrics["pretrain"]
-    assert pre["val_loss"] < pre["val_loss_zero_prediction"]  # the encoder learned something
-    assert "protocol" in pre
-    report = (out / "report.html").read_text()
-    images = re.findall(r"<img src='([^']+)'", report)
-    assert len(images) >= 3 and all((out / src).is_file() for src in images)
-    assert "MSM pretraining" in report and "Resolved config" in report
+    assert metrics["pretrain"]["val_loss"] < metrics["pretrain"]["val_loss_zero_prediction"]
+    top1 = metrics["evaluate"]["metrics"]["n_way_top_1"]
+    assert top1["chance"] == pytest.approx(0.1)  # 10-way, stated beside the figure
+    assert top1["value"] > top1["chance"], top1
+    assert metrics["evaluate"]["protocol"] == "by_image"
+    assert metrics["sweep"]["trials"] == 2 and metrics["sweep"]["best"]["probe_accuracy"]
+    assert metrics["serve"]["images"] == 2 and metrics["serve"]["latency_s"] > 0
+    test_eegs = metrics["evaluate"]["num_eeg"]
+    assert metrics["generate"]["eegs"] == test_eegs and metrics["generate"]["images"] == 2 * test_eegs
 
-    # a second run resumes: finished stages are skipped, the report is written again
+
+@pytest.mark.slow
+def test_report_references_existing_images_and_shows_every_stage(quick_demo: Path) -> None:
+    report = (quick_demo / "report.html").read_text()
+    images = re.findall(r"<img src='([^']+)'", report)
+    assert len(images) >= 10 and all((quick_demo / src).is_file() for src in images)
+    for heading in ("Headline", "MSM pretraining", "Fine-tuning", "Sweep", "Evaluation", "Serve", "Batch generation"):
+        assert heading in report, heading
+    assert "Resolved config" in report
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(quick_demo: Path) -> None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must have Debian's chromium (.ci/run installs it)")
+        pytest.skip("chromium is not installed here (apt-get install chromium)")
+    # a copy of the report, beside it so relative image paths resolve, that writes what the browser saw
+    probe = quick_demo / "report-browser-check.html"
+    probe.write_text(
+        (quick_demo / "report.html").read_text().replace(
+            "</body>",
+            "<script>window.addEventListener('load', () => { const seen = [...document.images].map("
+            "i => [i.getAttribute('src'), i.complete, i.naturalWidth]); const tables = [...document.querySelectorAll"
+            "('table')].map(t => t.innerText); document.body.insertAdjacentHTML('beforeend', '<pre id=\"seen\">' + "
+            "JSON.stringify({images: seen, tables}).replace(/</g, '&lt;') + '</pre>'); });</script></body>",
+        )
+    )
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={quick_demo / '.chromium'}"]
+    url = probe.resolve().as_uri()
+    dom = subprocess.run(
+        [browser, *flags, "--virtual-time-budget=20000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=180,
+    ).stdout
+    found = re.search(r'<pre id="seen">(.*?)</pre>', dom, re.S)
+    assert found, dom[-2000:]
+    seen = json.loads(found.group(1).replace("&lt;", "<").replace("&amp;", "&"))
+    assert len(seen["images"]) >= 10
+    assert all(complete and width > 0 for _, complete, width in seen["images"]), seen["images"]
+    assert any("top-1" in table and "chance" in table for table in seen["tables"]), seen["tables"]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "demo-report.png"
+    subprocess.run(
+        [browser, *flags, "--window-size=1200,4000", f"--screenshot={shot}", (quick_demo / "report.html").as_uri()],
+        capture_output=True, timeout=180,
+    )
+    assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_rerun_resumes_and_skips_finished_stages(quick_demo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     capsys.readouterr()
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
-    assert capsys.readouterr().out.count("done in an earlier run, skipped") == 2
+    assert main(["demo", "--quick", "--out", str(quick_demo), f"serve.port={PORT}"]) == 0
+    assert capsys.readouterr().out.count("done in an earlier run, skipped") == len(STAGES)

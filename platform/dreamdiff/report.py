@@ -30,6 +30,24 @@ def loss_curve(metrics_jsonl: Path, path: Path, title: str) -> Path:
     return path
 
 
+def metric_curves(metrics_jsonl: Path, keys: Sequence[str], path: Path, title: str, ylabel: str) -> Path:
+    """The named metrics of a metrics.jsonl against the step (a key missing from a line is skipped there)."""
+    lines = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    by_step = {line["step"]: line for line in lines}  # a restarted run logs some steps twice: keep the last
+    steps = sorted(by_step)
+    fig = Figure(figsize=(6, 3.2), layout="constrained")
+    ax = fig.subplots()
+    for key in keys:
+        points = [(s, by_step[s][key]) for s in steps if by_step[s].get(key) is not None]
+        ax.plot([s for s, _ in points], [v for _, v in points], label=key.replace("_", " "))
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def image_grid(images: np.ndarray, labels: Sequence[str], path: Path, columns: int = 10) -> Path:
     """uint8 [N, H, W, 3] images in a captioned grid."""
     rows = int(np.ceil(len(images) / columns))
