@@ -71,7 +71,7 @@ def ablation_configs(cfg: DemoConfig) -> dict[str, tuple[FinetuneConfig, Any]]:
         slug = name.replace(" ", "-").lower()
         update: dict[str, Any] = {**change, "output": str(out / f"finetune-{slug}")}
         if change.get("encoder_checkpoint", "") is None:  # from scratch: the sizes of the pretrained encoder
-            update["encoder"] = finetune.resolve_encoder(cfg.finetune)[0]
+            update["encoder"] = cfg.pretrain.model
         ft = cfg.finetune.model_copy(update=update)
         generator = str(Path(ft.output) / finetune.GENERATOR_DIR)
         ev = cfg.evaluate.model_copy(update={"checkpoint": generator, "output": str(out / f"evaluate-{slug}")})

@@ -53,8 +53,8 @@ class Command:
                 pytest.fail(f"no {what} in {limit_s} s:\n{self.output[-3000:]}")
             time.sleep(0.5)
 
-    def stop(self, limit_s: float = 90) -> int:
-        """Ctrl-C, then the exit status (killed if it does not stop in time)."""
+    def stop(self, limit_s: float = 240) -> int:
+        """Ctrl-C, then the exit status (killed if not stopped in time: Serve and Ray took up to 110 s here)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
         try:
