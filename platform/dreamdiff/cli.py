@@ -20,8 +20,7 @@ class Stage:
     help: str
     description: str
     default_config: str
-    runner: str | None  # "module:function" taking the validated config; None = not built yet
-    issue: int
+    runner: str  # "module:function" taking the validated config
 
 
 STAGES: dict[str, Stage] = {
@@ -32,7 +31,6 @@ STAGES: dict[str, Stage] = {
         "Re-running skips what is done.",
         "preprocess-demo.yaml",
         "dreamdiff.data.preprocess:run",
-        3,
     ),
     "pretrain": Stage(
         "masked signal modeling (MSM) of the EEG encoder on Ray Train",
@@ -40,7 +38,6 @@ STAGES: dict[str, Stage] = {
         "with checkpoints, resume and reconstruction plots.",
         "pretrain-demo.yaml",
         "dreamdiff.train.pretrain:run",
-        4,
     ),
     "finetune": Stage(
         "Stable Diffusion + CLIP alignment fine-tuning on paired EEG-image shards",
@@ -50,7 +47,6 @@ STAGES: dict[str, Stage] = {
         "the generator checkpoint (generator/) and a preview grid (plots/preview.png).",
         "finetune-demo.yaml",
         "dreamdiff.train.finetune:run",
-        5,
     ),
     "sweep": Stage(
         "Ray Tune sweep over mask ratio x encoder size, scored downstream",
@@ -59,7 +55,6 @@ STAGES: dict[str, Stage] = {
         "(best_pretrain.yaml, for `dreamdiff pretrain`). Re-running the same config resumes the sweep.",
         "sweep-demo.yaml",
         "dreamdiff.tune.sweep:run",
-        6,
     ),
     "serve": Stage(
         "Ray Serve EEG-to-image endpoint (batched, autoscaled)",
@@ -68,7 +63,6 @@ STAGES: dict[str, Stage] = {
         "`dreamdiff request EEG_FILE` talks to it.",
         "serve-demo.yaml",
         "dreamdiff.serve.runner:run",
-        7,
     ),
     "generate": Stage(
         "batch EEG -> image generation over Parquet shards with Ray Data",
@@ -79,7 +73,6 @@ STAGES: dict[str, Stage] = {
         "already done.",
         "generate-demo.yaml",
         "dreamdiff.serve.batch:run",
-        7,
     ),
     "evaluate": Stage(
         "the paper's n-way top-k and image metrics",
@@ -88,7 +81,6 @@ STAGES: dict[str, Stage] = {
         "Writes results.json, report.html and generated/ under the output folder.",
         "evaluate-demo.yaml",
         "dreamdiff.eval.evaluate:run",
-        5,
     ),
     "demo": Stage(
         "every stage end-to-end on a laptop: tiny models, synthetic data, a report",
@@ -96,7 +88,6 @@ STAGES: dict[str, Stage] = {
         "tiny models, no network and no GPU; leave a report under the run folder.",
         "demo.yaml",
         "dreamdiff.demo:run",
-        9,
     ),
 }
 
@@ -156,12 +147,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(dump_config(cfg), end="")
             return 0
         check_locations(args.stage, cfg)  # a URI where the stage cannot use one fails here, naming the field
-        if stage.runner is None:
-            print(
-                f"dreamdiff {args.stage}: config valid; stage not built yet (issue #{stage.issue})",
-                file=sys.stderr,
-            )
-            return 2
         module, _, func = stage.runner.partition(":")
         runner: Callable[..., object] = getattr(importlib.import_module(module), func)
         runner(cfg)
