@@ -262,6 +262,12 @@ def test_bad_inputs_fail_clearly_and_damage_nothing(ray_local: None, tmp_path: P
     assert _content_hash(tmp_path / "shards") == before
 
 
+def _interruptible() -> None:
+    """Child processes take Ctrl-C as from a terminal: a test run started in the background ignores SIGINT, and
+    its children inherit that."""
+    sig.signal(sig.SIGINT, sig.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_rows(tmp_path: Path) -> None:
     subjects = 10  # enough that Ctrl-C lands part-way even on a loaded machine
@@ -276,7 +282,12 @@ def test_killed_run_resumes_to_the_same_rows(tmp_path: Path) -> None:
         cfg_file = tmp_path / f"{name}.yaml"
         cfg_file.write_text(yaml.safe_dump({**base, "output": str(tmp_path / name)}))
     cmd = [sys.executable, "-m", "dreamdiff.cli", "preprocess", "--config"]
-    proc = subprocess.Popen([*cmd, str(tmp_path / "killed.yaml")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*cmd, str(tmp_path / "killed.yaml")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=_interruptible,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and len(list((tmp_path / "killed").rglob(DONE))) < 2:
         time.sleep(0.2)

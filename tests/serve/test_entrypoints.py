@@ -27,6 +27,12 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
+def _interruptible() -> None:
+    """Child processes take Ctrl-C as from a terminal: a test run started in the background ignores SIGINT, and
+    its children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Command:
     """A command with a fresh Ray of its own; its merged output collected line by line by a thread."""
 
@@ -34,7 +40,7 @@ class Command:
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         self.proc = subprocess.Popen(
             argv, cwd=cwd, env={**env, "TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0"},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_interruptible,
         )  # fmt: skip
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
