@@ -19,12 +19,11 @@ import numpy as np
 
 from dreamdiff.config import DemoConfig, FinetuneConfig, apply_overrides, record_config, validate_config
 from dreamdiff.data import preprocess
-from dreamdiff.demo_report import write_demo_report
+from dreamdiff.demo_report import SERVE_DIR, write_demo_report
 from dreamdiff.eval import evaluate
 from dreamdiff.train import finetune, pretrain
 
 STAGES_FILE = "stages.json"
-SERVE_DIR = "serve"
 # config section -> its fields that hold paths (placed inside the run folder when relative)
 PATH_FIELDS = {
     "preprocess": ("output",),

@@ -21,6 +21,7 @@ from dreamdiff.report import image_grid, loss_curve, metric_curves, write_report
 from dreamdiff.train import finetune, pretrain
 from dreamdiff.tune import sweep
 
+SERVE_DIR = "serve"  # the demo's Serve request and answer, inside the run folder
 TOP1 = "n_way_top_1"
 # the paper's Table 3 (50-way top-1 on ImageNet-EEG, subject 4), for the ablation table
 PAPER_TOP1 = {"full": 0.458, "no pretraining": 0.323, "no CLIP loss": None, "neither": 0.042}
@@ -189,8 +190,6 @@ def _ablation_section(
 
 
 def _serve_section(cfg: DemoConfig, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    from dreamdiff.demo import SERVE_DIR
-
     summary = json.loads((out / SERVE_DIR / "summary.json").read_text())
     metrics = {"url": summary["url"], "latency_s": summary["latency_s"], "images": len(summary["images"])}
     section = {

@@ -13,6 +13,7 @@ EEG's seed and its index j only: not on the other EEGs in the batch, nor on num_
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -42,6 +43,17 @@ def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
+
+
+def model_id(checkpoint: str | Path) -> str:
+    """sha256 of the checkpoint's spec and weights (16 hex digits): names the model in the index and keeps a
+    re-trained checkpoint from mixing its images with an older one's."""
+    digest = hashlib.sha256()
+    for name in (SPEC_FILE, WEIGHTS_FILE):
+        with open(Path(checkpoint) / name, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def save_generator(model: EEGDiffusion, spec: GeneratorSpec, folder: str | Path, info: dict | None = None) -> Path:

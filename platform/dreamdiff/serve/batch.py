@@ -46,7 +46,7 @@ from dreamdiff.data.schema import EPOCH_COLUMNS
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.eval.evaluate import eeg_seed, png_name
 from dreamdiff.models.eeg_diffusion import GeneratorSpec
-from dreamdiff.models.generator import SPEC_FILE, WEIGHTS_FILE, Generator, Sampler
+from dreamdiff.models.generator import SPEC_FILE, WEIGHTS_FILE, Generator, Sampler, model_id
 
 log = logging.getLogger(__name__)
 
@@ -103,17 +103,6 @@ def image_path(dataset: str, subject: int, epoch_id: str, sample: int) -> str:
     """Where image `sample` of an EEG goes, relative to the output folder (one folder per dataset and subject)."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", dataset).strip("._")[:60] or "dataset"
     return f"{IMAGES_DIR}/{safe}/subject-{int(subject)}/{png_name(epoch_id, sample)}"
-
-
-def model_id(checkpoint: str | Path) -> str:
-    """sha256 of the checkpoint's spec and weights (16 hex digits): names the model in the index and keeps a
-    re-trained checkpoint from mixing its images with an older one's."""
-    digest = hashlib.sha256()
-    for name in (SPEC_FILE, WEIGHTS_FILE):
-        with open(Path(checkpoint) / name, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 class GenerateActor:

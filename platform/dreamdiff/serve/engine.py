@@ -18,9 +18,8 @@ import torch
 
 from dreamdiff.config import ServeConfig
 from dreamdiff.errors import DreamdiffError
-from dreamdiff.models.generator import SPEC_FILE, Generator
+from dreamdiff.models.generator import SPEC_FILE, Generator, model_id
 from dreamdiff.serve.api import GenerationItem, ModelInfo, ModelRef, ModelShape
-from dreamdiff.serve.batch import model_id
 
 
 class GenerationEngine:
