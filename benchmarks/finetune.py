@@ -26,10 +26,21 @@ REFERENCE_FP32 = 14.1  # samples/s at batch 8, 512 px, reference code (VAE + CLI
 REFERENCE_BF16 = 73.1
 
 
-def measure(batch: int, precision: str, steps: int, warmup: int, device: torch.device, tiny: bool) -> dict[str, Any]:
+def measure(
+    batch: int,
+    precision: str,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    tiny: bool,
+    channels_last: bool = False,
+    compile_: bool = False,
+) -> dict[str, Any]:
     torch.manual_seed(0)
     torch.set_float32_matmul_precision("highest")  # fp32 means fp32, as the reference
-    components = sd_components(tiny, device)
+    components = sd_components(tiny, device, channels_last)
+    if compile_:
+        components.unet.forward = torch.compile(components.unet.forward)
     model = eeg_diffusion(components, tiny)
     components.vae = None  # precomputed latents: the VAE does not run in a step
     optimizer = build_finetune_optimizer(model, lr=5.3e-5, fused=device.type == "cuda")
@@ -74,6 +85,8 @@ def measure(batch: int, precision: str, steps: int, warmup: int, device: torch.d
         "trainable_params": trained,
         "batch": batch,
         "precision": precision,
+        "channels_last": channels_last,
+        "compile": compile_,
         "device": device_name(device),
         "steps": steps,
         "samples_per_s": round(samples_per_s, 2),
@@ -93,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny models, batch 4, 2 steps")
     p.add_argument("--suite", choices=["gpu"], help="gpu: batch 8 at fp32 and bf16")
+    p.add_argument("--channels-last", action="store_true", help="UNet in channels-last, cuDNN autotuning")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (minutes on the first step)")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     if args.tiny:
@@ -102,7 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     ]
     for batch, precision in runs:
         try:
-            row = measure(batch, precision, args.steps, args.warmup, device, args.tiny)
+            row = measure(
+                batch, precision, args.steps, args.warmup, device, args.tiny, args.channels_last, args.compile
+            )
         except torch.OutOfMemoryError as err:
             row = {"name": "finetune_train_step", "batch": batch, "precision": precision, "error": str(err)[:200]}
         print(json.dumps(row), flush=True)
