@@ -268,6 +268,12 @@ class FinetuneConfig(StrictModel):
         # reference: torch AdamW defaults (betas 0.9/0.999, wd 0.01), constant lr 5.3e-5, Lightning grad clip 0.5
         default=OptimSection(lr=5.3e-5, min_lr=5.3e-5, betas=(0.9, 0.999), weight_decay=0.01, grad_clip=0.5)
     )
+    encoder_lr_scale: float = Field(
+        default=1.0,
+        gt=0,
+        description="the EEG encoder's learning rate as a fraction of optim's (paper: 1.0, one rate for all); "
+        "below 1 a pretrained encoder keeps more of what pretraining learned",
+    )
     augment: AugmentSection = Field(default=AugmentSection(), description="train-time EEG transforms (paper: none)")
     epochs: int = Field(default=300, ge=1)
     batch_size: int = Field(default=16, ge=1, description="global batch, split across workers (reference: 16)")

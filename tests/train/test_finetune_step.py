@@ -127,3 +127,25 @@ def test_bad_batches_are_named(sd_folder: Path) -> None:
         _step(model, components, optimizer, {**_batch(), "latents": torch.zeros(3, 3, 8, 8)})
     with pytest.raises(ValueError, match="clip_target must be"):
         _step(model, components, optimizer, {**_batch(), "clip_target": torch.zeros(4, 7)})
+
+
+def test_encoder_lr_scale_slows_only_the_encoder(sd_folder: Path) -> None:
+    """encoder_lr_scale 0.1: the encoder's groups step at a tenth of the rate, every other group at the full rate,
+    so after one Adam step (update about lr per weight) the encoder has moved about ten times less."""
+    moved = {}
+    for scale in (1.0, 0.1):
+        model, components = _model(sd_folder)
+        before = copy.deepcopy(model.state_dict())
+        optimizer = build_finetune_optimizer(model, lr=1e-3, encoder_lr_scale=scale)
+        _step(model, components, optimizer, _batch())
+        encoder_ids = {id(p) for p in model.encoder.parameters()}
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                assert group["lr"] == pytest.approx(1e-3 * (scale if id(param) in encoder_ids else 1.0))
+        after = model.state_dict()
+        moved[scale] = {
+            part: max((after[k] - before[k]).abs().max().item() for k in after if k.startswith(part))
+            for part in ("encoder.", "conditioner.")
+        }
+    assert moved[0.1]["encoder."] == pytest.approx(moved[1.0]["encoder."] / 10, rel=0.05)
+    assert moved[0.1]["conditioner."] == pytest.approx(moved[1.0]["conditioner."], rel=1e-4)

@@ -80,7 +80,9 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     components = load_sd_components(spec.base_model, device)
     model = build_eeg_diffusion(spec, components, config["encoder_weights"])
-    optimizer = build_finetune_optimizer(model, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
+    optimizer = build_finetune_optimizer(
+        model, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay, encoder_lr_scale=cfg.encoder_lr_scale
+    )
     if cfg.clip_weight == 0:  # the head gets no gradient (the ablation); DDP rejects parameters that never get one
         model.clip_head.requires_grad_(False)
     if config["clip_mean"] is not None:  # the centre of the CLIP targets (ConditionerConfig.clip_center)

@@ -38,8 +38,10 @@ def build_finetune_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     weight_decay: float = 0.0,
     fused: bool | None = None,
+    encoder_lr_scale: float = 1.0,
 ) -> torch.optim.AdamW:
-    """AdamW over `trainable_parameters`, without decay on norms, biases and tokens (`build_optimizer`).
+    """AdamW over `trainable_parameters`, without decay on norms, biases and tokens (`build_optimizer`); the
+    encoder at `encoder_lr_scale` times the learning rate.
 
     The defaults are the reference fine-tuning's (torch AdamW betas; FinetuneConfig's weight decay 0).
     """
@@ -51,7 +53,8 @@ def build_finetune_optimizer(
             f"{len(flagged ^ expected)} parameters' requires_grad disagree with the trainable set; "
             "build the model with build_eeg_diffusion and leave its flags alone"
         )
-    return build_optimizer(inner, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
+    scales = {"encoder.": encoder_lr_scale} if encoder_lr_scale != 1 else None
+    return build_optimizer(inner, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused, lr_scales=scales)
 
 
 def _check_batch(eeg: Tensor, latents: Tensor, clip_target: Tensor | None, clip_dim: int) -> None:

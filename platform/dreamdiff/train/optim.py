@@ -7,6 +7,7 @@ state dict, and the training step takes the lr as an argument.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -16,21 +17,24 @@ from torch import nn
 _NO_DECAY_SUFFIXES = ("token", "pos_embed")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, lr_scales: Mapping[str, float] | None = None) -> list[dict]:
     """Decay only weight matrices: norms, biases, cls/mask tokens and positions are 1-D (or named so).
 
     Decaying a LayerNorm gain or a bias pulls it towards zero for no regularising benefit (MAE, nanoGPT).
+    `lr_scales` maps a parameter-name prefix (e.g. "encoder.") to a factor on the learning rate of its
+    parameters, kept in their groups' "lr_scale" (see `set_lr`).
     """
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or name.endswith(_NO_DECAY_SUFFIXES):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        decays = not (param.ndim < 2 or name.endswith(_NO_DECAY_SUFFIXES))
+        scale = next((f for prefix, f in (lr_scales or {}).items() if name.startswith(prefix)), 1.0)
+        groups.setdefault((decays, scale), []).append(param)
+    order = sorted(groups, key=lambda key: (not key[0], key[1]))  # decayed first, as torch users expect
+    return [
+        {"params": groups[key], "weight_decay": weight_decay if key[0] else 0.0, "lr_scale": key[1]} for key in order
+    ]
 
 
 def build_optimizer(
@@ -39,18 +43,21 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     weight_decay: float = 0.05,
     fused: bool | None = None,
+    lr_scales: Mapping[str, float] | None = None,
 ) -> torch.optim.AdamW:
     """AdamW with the paper's defaults; the fused CUDA kernel when every parameter is on a GPU."""
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, weight_decay, lr_scales)
     if fused is None:
         fused = torch.cuda.is_available() and all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+    set_lr(optimizer, lr)
+    return optimizer
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate of every parameter group."""
+    """Set the learning rate of every parameter group, times the group's "lr_scale" where it has one."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, base_lr: float, min_lr: float = 0.0) -> float:
