@@ -53,7 +53,7 @@ def build_finetune_optimizer(
             f"{len(flagged ^ expected)} parameters' requires_grad disagree with the trainable set; "
             "build the model with build_eeg_diffusion and leave its flags alone"
         )
-    scales = {"encoder.": encoder_lr_scale} if encoder_lr_scale != 1 else None
+    scales = {"encoder.": encoder_lr_scale}  # at 1.0 the groups are the same as without it
     return build_optimizer(inner, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused, lr_scales=scales)
 
 
