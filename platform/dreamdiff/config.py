@@ -21,7 +21,7 @@ from dreamdiff.configbase import StrictModel
 from dreamdiff.data.synthetic import SynthConfig
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.conditioner import ConditionerConfig
-from dreamdiff.models.diffusion import TinyDiffusionConfig
+from dreamdiff.models.diffusion_config import TinyDiffusionConfig
 from dreamdiff.models.msm import MSMConfig
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"

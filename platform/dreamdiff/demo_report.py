@@ -18,7 +18,7 @@ from PIL import Image
 from dreamdiff.config import DemoConfig, FinetuneConfig, dump_config
 from dreamdiff.data import synthetic
 from dreamdiff.report import image_grid, loss_curve, metric_curves, write_report
-from dreamdiff.train import finetune, pretrain
+from dreamdiff.train import finetune_loop, pretrain
 from dreamdiff.tune import sweep
 
 SERVE_DIR = "serve"  # the demo's Serve request and answer, inside the run folder
@@ -121,7 +121,7 @@ def _finetune_section(ft: FinetuneConfig, figures: Path) -> tuple[dict[str, Any]
         "table": [metrics],
         "text": "Preview: held-out (validation) stimuli, then images generated from the EEG recorded while "
         "they were shown.",
-        "images": [curve, run / "plots" / finetune.PREVIEW_FILE],
+        "images": [curve, run / "plots" / finetune_loop.PREVIEW_FILE],
     }
     return metrics, section
 

@@ -12,8 +12,9 @@ from safetensors.torch import load
 
 from dreamdiff import storage
 from dreamdiff.config import PreprocessConfig, dump_config, load_config, validate_config
-from dreamdiff.data.preprocess import DONE, plan, process_subject, run, write_manifest
+from dreamdiff.data.preprocess import plan, process_subject, run, write_manifest
 from dreamdiff.data.reader import shard_files
+from dreamdiff.data.schema import DONE
 from dreamdiff.train import pretrain
 
 ROWS = 2 * (30 * 128 // 512) + 2 * 40 + 3 * 4  # FakeDataset: 2 runs x 7 windows; unlabeled 2 x 40; paired 3 x 4

@@ -21,8 +21,9 @@ from PIL import Image
 
 from dreamdiff.config import ConfigError, PreprocessConfig, load_config, validate_config
 from dreamdiff.data import moabb_source, signal
-from dreamdiff.data.preprocess import DONE, run
+from dreamdiff.data.preprocess import run
 from dreamdiff.data.reader import read_epochs, shard_files
+from dreamdiff.data.schema import DONE
 from dreamdiff.errors import DreamdiffError
 
 LAYOUTS = [

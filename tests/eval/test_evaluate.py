@@ -37,7 +37,8 @@ from dreamdiff.eval.evaluate import (
 from dreamdiff.eval.splits import by_block, by_image, leave_subject_out, split_rows
 from dreamdiff.models.clip import load_clip_image_encoder, save_random_clip
 from dreamdiff.models.conditioner import ConditionerConfig
-from dreamdiff.models.diffusion import TinyDiffusionConfig, build_tiny_sd, load_sd_components
+from dreamdiff.models.diffusion import build_tiny_sd, load_sd_components
+from dreamdiff.models.diffusion_config import TinyDiffusionConfig
 from dreamdiff.models.eeg_diffusion import GeneratorSpec, build_eeg_diffusion
 from dreamdiff.models.generator import save_generator
 from dreamdiff.models.msm import MSMConfig

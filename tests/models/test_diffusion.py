@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.diffusion import (
-    TinyDiffusionConfig,
     build_tiny_sd,
     decode_latents,
     diffusion_loss,
@@ -21,6 +20,7 @@ from dreamdiff.models.diffusion import (
     load_sd_components,
     select_trainable,
 )
+from dreamdiff.models.diffusion_config import TinyDiffusionConfig
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.conditioner import ConditionerConfig
-from dreamdiff.models.diffusion import TinyDiffusionConfig, build_tiny_sd, load_sd_components
+from dreamdiff.models.diffusion import build_tiny_sd, load_sd_components
+from dreamdiff.models.diffusion_config import TinyDiffusionConfig
 from dreamdiff.models.eeg_diffusion import GeneratorSpec, build_eeg_diffusion
 from dreamdiff.models.generator import FORMAT_VERSION, SPEC_FILE, WEIGHTS_FILE, Generator, save_generator
 from dreamdiff.models.msm import MSMConfig, build_msm

@@ -25,11 +25,11 @@ from PIL import Image
 
 from dreamdiff.cli import main
 from dreamdiff.config import GenerateConfig
-from dreamdiff.data.preprocess import DONE
-from dreamdiff.data.schema import epoch_schema, paired_schema, to_table
+from dreamdiff.data.schema import DONE, epoch_schema, paired_schema, to_table
 from dreamdiff.eval.evaluate import eeg_seed
 from dreamdiff.models.conditioner import ConditionerConfig
-from dreamdiff.models.diffusion import TinyDiffusionConfig, build_tiny_sd, load_sd_components
+from dreamdiff.models.diffusion import build_tiny_sd, load_sd_components
+from dreamdiff.models.diffusion_config import TinyDiffusionConfig
 from dreamdiff.models.eeg_diffusion import GeneratorSpec, build_eeg_diffusion
 from dreamdiff.models.generator import Generator, save_generator
 from dreamdiff.models.msm import MSMConfig

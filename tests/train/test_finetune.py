@@ -13,17 +13,18 @@ from safetensors.torch import load_file, save_file
 
 from dreamdiff.cli import main
 from dreamdiff.config import PrecomputeSection, validate_config
-from dreamdiff.data.preprocess import DONE
 from dreamdiff.data.preprocess import run as preprocess
 from dreamdiff.data.reader import shard_files
-from dreamdiff.data.schema import precomputed_schema
+from dreamdiff.data.schema import DONE, precomputed_schema
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.clip import load_clip_image_encoder, save_random_clip
-from dreamdiff.models.diffusion import TinyDiffusionConfig, build_tiny_sd, encode_images, load_sd_components
+from dreamdiff.models.diffusion import build_tiny_sd, encode_images, load_sd_components
+from dreamdiff.models.diffusion_config import TinyDiffusionConfig
 from dreamdiff.models.generator import SPEC_FILE, WEIGHTS_FILE, Generator
 from dreamdiff.models.msm import MSMConfig, build_msm
-from dreamdiff.train.finetune import GENERATOR_DIR, PRECOMPUTED_DIR, PREVIEW_FILE, paired_files
+from dreamdiff.train.finetune import GENERATOR_DIR, PRECOMPUTED_DIR, paired_files
 from dreamdiff.train.finetune import run as finetune
+from dreamdiff.train.finetune_loop import PREVIEW_FILE
 from dreamdiff.train.precompute import FrozenModels, decode_images, precompute
 from dreamdiff.train.pretrain import ENCODER_FILE, FAILED_ONCE, METRICS_FILE
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dreamdiff.models.conditioner import ConditionerConfig
-from dreamdiff.models.diffusion import SDComponents, TinyDiffusionConfig, build_tiny_sd, load_sd_components
+from dreamdiff.models.diffusion import SDComponents, build_tiny_sd, load_sd_components
+from dreamdiff.models.diffusion_config import TinyDiffusionConfig
 from dreamdiff.models.eeg_diffusion import EEGDiffusion, GeneratorSpec, build_eeg_diffusion
 from dreamdiff.models.msm import MSMConfig
 from dreamdiff.train.finetune_step import build_finetune_optimizer, finetune_train_step, trainable_parameters

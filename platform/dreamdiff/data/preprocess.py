@@ -37,12 +37,11 @@ from dreamdiff.config import (
     record_config,
 )
 from dreamdiff.data import imagenet_eeg, moabb_source, signal, synthetic
-from dreamdiff.data.schema import epoch_schema, paired_schema, to_table
+from dreamdiff.data.schema import DONE, epoch_schema, paired_schema, to_table
 from dreamdiff.errors import DreamdiffError
 
 log = logging.getLogger(__name__)
 
-DONE = "_SUCCESS.json"
 IMAGENET_EEG_SFREQ = 1000.0  # the release was recorded at 1 kHz
 
 

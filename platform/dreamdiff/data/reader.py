@@ -13,7 +13,7 @@ from pathlib import Path
 import ray.data
 
 from dreamdiff import storage
-from dreamdiff.data.preprocess import DONE
+from dreamdiff.data.schema import DONE
 from dreamdiff.errors import DreamdiffError
 
 TRAIN_COLUMNS = ("eeg", "channel_mask")

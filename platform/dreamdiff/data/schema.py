@@ -34,6 +34,8 @@ EPOCH_COLUMNS = (
     "n_channels_orig",
 )
 PAIRED_COLUMNS = ("image", "image_id", "label", "class_name", "split", "block")
+# written last into each finished shard folder (a subject's, or precomputed rows'); readers take only marked folders
+DONE = "_SUCCESS.json"
 
 
 def eeg_type(num_channels: int = 128, num_samples: int = 512) -> pa.DataType:

@@ -16,9 +16,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from dreamdiff.errors import DreamdiffError
@@ -50,6 +47,10 @@ def encoder_features(
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
     """Test accuracy of a standardised logistic regression fitted on the train features (seeded, deterministic)."""
+    from sklearn.linear_model import LogisticRegression  # here: a second per Ray worker that never probes
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=0))
     probe.fit(train_x, train_y)
     return float(probe.score(test_x, test_y))

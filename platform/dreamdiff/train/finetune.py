@@ -3,22 +3,17 @@
 The driver (`run`) checks every input before any work (data, encoder checkpoint, base model, CLIP, sizes),
 builds the offline stand-ins the config asks for (a tiny SD in <output>/tiny-sd, a seeded random CLIP in
 <output>/clip-random.safetensors), has Ray Data compute the frozen models' outputs once (train/precompute.py,
-into <output>/precomputed/) and starts a TorchTrainer. Each worker (`train_loop`) builds the `EEGDiffusion` on
-the base SD, reads its shard of the precomputed rows with `get_dataset_shard`, calls the plain step function
-`finetune_train_step` (bf16 autocast on CUDA), appends to metrics.jsonl every `log_every_steps` and reports to
-Ray Train only with a checkpoint (every `checkpoint.every_steps` and at the end). Re-running the same config
-into the same output folder resumes from the last checkpoint. At the end rank 0 writes the generator
+into <output>/precomputed/) and starts a TorchTrainer whose workers run `finetune_loop.train_loop`: they
+report to Ray Train only with a checkpoint (every `checkpoint.every_steps` and at the end). Re-running the same
+config into the same output folder resumes from the last checkpoint. At the end rank 0 writes the generator
 checkpoint (only the trained tensors + the base model id) into <output>/generator/ and a preview grid (held-out
 stimuli beside images generated from their EEG) into <output>/plots/preview.png.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,180 +27,25 @@ import yaml
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
 
-from dreamdiff.config import FinetuneConfig, PreviewSection, dump_config, record_config
-from dreamdiff.data.augment import augment_eeg
+from dreamdiff.config import FinetuneConfig, PreviewSection, record_config
 from dreamdiff.data.reader import shard_files
 from dreamdiff.data.schema import PAIRED_COLUMNS
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.clip import _check_request, save_random_clip
-from dreamdiff.models.diffusion import build_tiny_sd, load_sd_components
-from dreamdiff.models.eeg_diffusion import ENCODER_PREFIX, GeneratorSpec, build_eeg_diffusion
-from dreamdiff.models.generator import Generator, save_generator
+from dreamdiff.models.diffusion import build_tiny_sd
+from dreamdiff.models.eeg_diffusion import ENCODER_PREFIX, GeneratorSpec
 from dreamdiff.models.msm import MSMConfig, MSMEncoder
-from dreamdiff.report import image_grid
-from dreamdiff.train.batches import ResumableBatches
-from dreamdiff.train.checkpoint import load_training_state, save_training_state, unwrap
-from dreamdiff.train.finetune_step import build_finetune_optimizer, finetune_train_step
-from dreamdiff.train.optim import WarmupCosine
+from dreamdiff.train.finetune_loop import GENERATOR_DIR, steps_per_epoch, train_loop
 from dreamdiff.train.precompute import FrozenModels, decode_images, precompute
-from dreamdiff.train.pretrain import ENCODER_FILE, FAILED_ONCE, METRICS_FILE
+from dreamdiff.train.pretrain import ENCODER_FILE
 
 log = logging.getLogger(__name__)
 
-GENERATOR_DIR = "generator"
 PRECOMPUTED_DIR = "precomputed"
 TINY_SD_DIR = "tiny-sd"
 RANDOM_CLIP_FILE = "clip-random.safetensors"
-PREVIEW_FILE = "preview.png"
 TRAIN_COLUMNS = ("eeg", "channel_mask", "latents", "clip_embedding")
 _SIZE_FIELDS = ("num_channels", "num_samples", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
-
-
-# ------------------------------------------------------------------------------- per worker
-
-
-def train_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker: build, maybe restore, train, report; rank 0 exports the generator and a preview."""
-    import ray.train
-    import ray.train.torch
-
-    cfg = FinetuneConfig.model_validate(config["cfg"])
-    spec = GeneratorSpec.model_validate(config["spec"])
-    output = Path(config["output"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    autocast = torch.bfloat16 if cfg.precision == "bf16" and device.type == "cuda" else None
-
-    torch.manual_seed(cfg.seed)
-    components = load_sd_components(spec.base_model, device)
-    model = build_eeg_diffusion(spec, components, config["encoder_weights"])
-    optimizer = build_finetune_optimizer(
-        model, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay, encoder_lr_scale=cfg.encoder_lr_scale
-    )
-    if cfg.clip_weight == 0:  # the head gets no gradient (the ablation); DDP rejects parameters that never get one
-        model.clip_head.requires_grad_(False)
-    if config["clip_mean"] is not None:  # the centre of the CLIP targets (ConditionerConfig.clip_center)
-        model.clip_head.target_mean.copy_(torch.as_tensor(config["clip_mean"]))
-    position = {"step": 0}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # this run restarted (failure or re-run): Ray hands back its latest checkpoint
-        with checkpoint.as_directory() as folder:
-            position = load_training_state(folder, model, optimizer)
-        if rank == 0:
-            log.info("resumed at step %d", position["step"])
-    model = ray.train.torch.prepare_model(model)
-
-    micro = cfg.batch_size // world
-    per_epoch = steps_per_epoch(cfg, config["rows"], world)
-    total = per_epoch * cfg.epochs
-    schedule = WarmupCosine(cfg.optim.lr, cfg.optim.warmup_steps, total, cfg.optim.min_lr)
-    shard = ray.train.get_dataset_shard("train")
-    batches = ResumableBatches(shard, micro=micro, per_epoch=per_epoch, epochs=cfg.epochs, seed=cfg.seed, rank=rank)
-    step = position["step"]
-    torch.manual_seed(cfg.seed + 1_000_003 * rank + step)  # timesteps and noise: fresh after a restart, per worker
-    aug_gen = torch.Generator().manual_seed(cfg.seed * 1000 + 17 * rank + step)
-
-    window: list[dict[str, float]] = []
-    tick, tick_step = time.perf_counter(), step
-    for epoch, index, (batch,) in batches.from_step(step):
-        batch["clip_target"] = batch.pop("clip_embedding")
-        batch["eeg"] = augment_eeg(batch["eeg"], cfg.augment.max_crop, cfg.augment.scale, aug_gen)
-        stats = finetune_train_step(
-            model,
-            components.noise_scheduler,
-            optimizer,
-            batch,
-            lr=schedule(step),
-            grad_clip=cfg.optim.grad_clip,
-            clip_weight=cfg.clip_weight,
-            autocast_dtype=autocast,
-            device=device,
-        )
-        step += 1
-        window.append(stats)
-        if cfg.inject_failure_at_step == step and rank == 0 and not (output / FAILED_ONCE).exists():
-            (output / FAILED_ONCE).touch()
-            raise RuntimeError(f"injected failure at step {step} (config inject_failure_at_step)")
-        save = step % cfg.checkpoint.every_steps == 0 or step == total
-        if step % cfg.log_every_steps and not save:
-            continue
-        elapsed = max(time.perf_counter() - tick, 1e-9)
-        metrics = {
-            "step": step,
-            "epoch": epoch + (index + 1) / per_epoch,
-            **{k: float(np.mean([w[k] for w in window])) for k in ("loss", "sd_loss", "clip_loss", "grad_norm")},
-            "lr": stats["lr"],
-            "samples_per_s": (step - tick_step) * cfg.batch_size / elapsed,
-            "data_wait_fraction": batches.take_wait() / elapsed,
-            "resumed_at": position["step"],
-        }
-        window, tick, tick_step = [], time.perf_counter(), step
-        _log(metrics, output, rank)
-        if save:  # a Ray Train report is a barrier across workers: only with checkpoints
-            _report(metrics, model, optimizer, rank, cfg)
-    if rank == 0:
-        inner = unwrap(model)
-        save_generator(inner, spec, output / GENERATOR_DIR, info={"step": step, **config["provenance"]})
-        if config["preview"]:
-            _preview(Generator(inner, components, autocast), config["preview"], cfg, output / "plots" / PREVIEW_FILE)
-
-
-def steps_per_epoch(cfg: FinetuneConfig, rows: int, world: int) -> int:
-    """Optimizer steps per epoch: each worker sees rows // world rows in whole micro-batches."""
-    return (rows // world) // (cfg.batch_size // world)
-
-
-def _log(metrics: dict[str, float], output: Path, rank: int) -> None:
-    """Rank 0 appends to metrics.jsonl and logs a line."""
-    if rank != 0:
-        return
-    with open(output / METRICS_FILE, "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-    log.info(
-        "step %d  epoch %.2f  loss %.4f (sd %.4f, clip %.4f)  lr %.2e  %.1f samples/s",
-        metrics["step"],
-        metrics["epoch"],
-        metrics["loss"],
-        metrics["sd_loss"],
-        metrics["clip_loss"],
-        metrics["lr"],
-        metrics["samples_per_s"],
-    )
-
-
-def _report(
-    metrics: dict[str, float], model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, cfg: FinetuneConfig
-) -> None:
-    """Every worker reports (Ray Train needs the same number of calls from each); rank 0 attaches the checkpoint:
-    the training state beside the config that built it."""
-    import ray.train
-
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        save_training_state(folder, model, optimizer, {"step": int(metrics["step"])})
-        (Path(folder) / "config.yaml").write_text(dump_config(cfg))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-
-
-def _preview(generator: Generator, rows: dict[str, Any], cfg: FinetuneConfig, path: Path) -> None:
-    """One row per held-out EEG: its stimulus (captioned with its class), then images generated from the EEG."""
-    n = cfg.preview.images_per_eeg
-    generated = generator.generate(
-        torch.as_tensor(rows["eeg"]).float(),
-        num_images=n,
-        steps=cfg.preview.steps,
-        seed=cfg.seed,
-        channel_mask=torch.as_tensor(rows["channel_mask"]).bool(),
-    )
-    images, labels = [], []
-    for stimulus, name, samples in zip(rows["image"], rows["class_name"], generated, strict=True):
-        images += [stimulus, *samples]
-        labels += [name, *(f"generated {j + 1}" for j in range(n))]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(np.stack(images), labels, path, columns=n + 1)
 
 
 # ------------------------------------------------------------------------------------ driver

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from matplotlib.figure import Figure
 from torch import Tensor
 
 from dreamdiff.models.msm import MaskedSignalModel, patch_stats, patchify, unpatchify, zero_channels
@@ -67,6 +66,8 @@ def plot_reconstructions(
     recon, time_mask, loss = reconstruct(model, eeg, channel_mask, generator)
     original = zero_channels(eeg.detach().float().cpu(), None if channel_mask is None else channel_mask.cpu())
     n = original.shape[0]
+    from matplotlib.figure import Figure  # here: only rank 0 plots
+
     fig = Figure(figsize=(4.0 * len(channels), 1.8 * n), layout="constrained")
     axes = fig.subplots(n, len(channels), squeeze=False, sharex=True)
     for row in range(n):

@@ -34,8 +34,7 @@ import torch
 from PIL import Image
 
 from dreamdiff.config import PrecomputeSection
-from dreamdiff.data.preprocess import DONE
-from dreamdiff.data.schema import precomputed_schema, to_table
+from dreamdiff.data.schema import DONE, precomputed_schema, to_table
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.clip import load_clip_image_encoder
 from dreamdiff.models.diffusion import encode_images, load_sd_components
