@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,16 +18,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from dreamdiff.config import FinetuneConfig, dump_config
+from dreamdiff.config import FinetuneConfig
 from dreamdiff.data.augment import augment_eeg
 from dreamdiff.models.diffusion import load_sd_components
 from dreamdiff.models.eeg_diffusion import GeneratorSpec, build_eeg_diffusion
 from dreamdiff.models.generator import Generator, save_generator
 from dreamdiff.train.batches import ResumableBatches
-from dreamdiff.train.checkpoint import load_training_state, save_training_state, unwrap
+from dreamdiff.train.checkpoint import load_training_state, unwrap
 from dreamdiff.train.finetune_step import build_finetune_optimizer, finetune_train_step
 from dreamdiff.train.optim import WarmupCosine
-from dreamdiff.train.pretrain import FAILED_ONCE, METRICS_FILE
+from dreamdiff.train.pretrain import FAILED_ONCE, METRICS_FILE, report_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +114,7 @@ def train_loop(config: dict[str, Any]) -> None:
         window, tick, tick_step = [], time.perf_counter(), step
         _log(metrics, output, rank)
         if save:  # a Ray Train report is a barrier across workers: only with checkpoints
-            _report(metrics, model, optimizer, rank, cfg)
+            report_checkpoint(metrics, model, optimizer, rank, cfg)
     if rank == 0:
         inner = unwrap(model)
         save_generator(inner, spec, output / GENERATOR_DIR, info={"step": step, **config["provenance"]})
@@ -144,22 +143,6 @@ def _log(metrics: dict[str, float], output: Path, rank: int) -> None:
         metrics["lr"],
         metrics["samples_per_s"],
     )
-
-
-def _report(
-    metrics: dict[str, float], model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, cfg: FinetuneConfig
-) -> None:
-    """Every worker reports (Ray Train needs the same number of calls from each); rank 0 attaches the checkpoint:
-    the training state beside the config that built it."""
-    import ray.train
-
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        save_training_state(folder, model, optimizer, {"step": int(metrics["step"])})
-        (Path(folder) / "config.yaml").write_text(dump_config(cfg))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 def _preview(generator: Generator, rows: dict[str, Any], cfg: FinetuneConfig, path: Path) -> None:

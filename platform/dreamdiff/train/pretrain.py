@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
+from pydantic import BaseModel
 
 from dreamdiff import storage
 from dreamdiff.config import PretrainConfig, dump_config, record_config
@@ -147,7 +148,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if staging:
                 _log(metrics, staging.path)
             if save:  # a Ray Train report is a barrier across workers: only with checkpoints
-                _report(metrics, model, optimizer, rank, cfg)
+                report_checkpoint(metrics, model, optimizer, rank, cfg)
                 if staging:
                     staging.sync()
         end_of_epoch = index == per_epoch - 1
@@ -185,10 +186,11 @@ def _log(metrics: dict[str, float], output: Path) -> None:
     )
 
 
-def _report(
-    metrics: dict[str, float], model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, cfg: PretrainConfig
+def report_checkpoint(
+    metrics: dict[str, float], model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, cfg: BaseModel
 ) -> None:
-    """Every worker reports (Ray Train needs the same number of calls from each); rank 0 attaches the checkpoint."""
+    """Every worker reports (Ray Train needs the same number of calls from each); rank 0 attaches the checkpoint:
+    the training state beside the stage config that built it. Pretraining and fine-tuning workers both call it."""
     import ray.train
 
     if rank != 0:
