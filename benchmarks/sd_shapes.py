@@ -63,7 +63,8 @@ def _vae(tiny: bool) -> AutoencoderKL:
 def sd_components(tiny: bool, device: torch.device, channels_last: bool = False) -> SDComponents:
     """The SD 1.5 layout (UNet 860 M, VAE 84 M, scaled-linear DDPM) with random weights, or a tiny one.
     `channels_last` stores the convolutions' weights NHWC (tensor-core friendly) and lets cuDNN autotune."""
-    unet, vae = _unet(tiny).to(device), _vae(tiny).to(device)
+    with torch.device(device):  # initialise on the device: random init of 1 B parameters is slow on a CPU
+        unet, vae = _unet(tiny), _vae(tiny)
     if channels_last:
         unet.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)
@@ -83,7 +84,8 @@ def eeg_diffusion(components: SDComponents, tiny: bool, trainable: str = "cross_
         trainable=trainable,  # type: ignore[arg-type]
         image_size=components.sample_size,
     )
-    return build_eeg_diffusion(spec, components)
+    with torch.device(components.unet.device):
+        return build_eeg_diffusion(spec, components)
 
 
 def device_name(device: torch.device) -> str:

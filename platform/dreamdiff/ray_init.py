@@ -26,20 +26,29 @@ def init_ray(cfg: RayInitConfig) -> None:
     log.info("started a local Ray (%s CPUs)", ray.cluster_resources().get("CPU"))
 
 
-def start_local_ray(**kwargs: object) -> None:
-    """`ray.init` of a new local instance on 127.0.0.1 whose processes see RAY_ADDRESS=local.
+LOCAL_NODE_ENV = {"RAY_ADDRESS": "local", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
-    Why: Ray Train's PlacementGroupCleaner (Ray 2.60) finds its cluster through the environment; without
-    RAY_ADDRESS it takes the cluster of the last `ray start` on this machine, finds no controller there, and
-    removes the placement group of a live run, killing its workers. "local" makes it look only for a running
-    instance (this one) and give up when there are several.
+
+def start_local_ray(**kwargs: object) -> None:
+    """`ray.init` of a new local instance on 127.0.0.1 whose processes inherit two settings (`LOCAL_NODE_ENV`).
+
+    RAY_ADDRESS=local: Ray Train's PlacementGroupCleaner (Ray 2.60) finds its cluster through the environment;
+    without RAY_ADDRESS it takes the cluster of the last `ray start` on this machine, finds no controller there,
+    and removes the placement group of a live run, killing its workers. "local" makes it look only for a
+    running instance (this one) and give up when there are several.
+
+    RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0 (unless set already): the watcher is one more actor per trainer that
+    polls for nodes about to be drained, and a single local node has none; on a laptop each actor costs
+    seconds of start-up. A cluster's own processes never see this.
     """
-    saved = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = "local"  # inherited by the node's processes, spawned now
+    saved = {name: os.environ.get(name) for name in LOCAL_NODE_ENV}
+    os.environ["RAY_ADDRESS"] = LOCAL_NODE_ENV["RAY_ADDRESS"]  # inherited by the node's processes, spawned now
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", LOCAL_NODE_ENV["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"])
     try:
         ray.init(_node_ip_address="127.0.0.1", **kwargs)  # type: ignore[arg-type]
     finally:
-        if saved is None:
-            os.environ.pop("RAY_ADDRESS", None)
-        else:
-            os.environ["RAY_ADDRESS"] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dreamdiff.models.conditioner import ConditionerConfig
-from dreamdiff.models.diffusion import SDComponents, build_tiny_sd, load_sd_components
+from dreamdiff.models.diffusion import SDComponents, build_tiny_sd, compile_sd, load_sd_components
 from dreamdiff.models.diffusion_config import TinyDiffusionConfig
 from dreamdiff.models.eeg_diffusion import EEGDiffusion, GeneratorSpec, build_eeg_diffusion
 from dreamdiff.models.msm import MSMConfig
@@ -150,3 +150,22 @@ def test_encoder_lr_scale_slows_only_the_encoder(sd_folder: Path) -> None:
         }
     assert moved[0.1]["encoder."] == pytest.approx(moved[1.0]["encoder."] / 10, rel=0.05)
     assert moved[0.1]["conditioner."] == pytest.approx(moved[1.0]["conditioner."], rel=1e-4)
+
+
+@pytest.mark.slow  # compiling the tiny UNet's forward and backward takes over a minute on two cores
+def test_a_compiled_unet_trains_as_the_eager_one(sd_folder: Path) -> None:
+    """FinetuneConfig.compile: the same losses and the same trained weights as without it, step after step."""
+    runs = {}
+    for compiled in (False, True):
+        model, components = _model(sd_folder)
+        if compiled:
+            compile_sd(components)
+        optimizer = build_finetune_optimizer(model, lr=1e-3)
+        losses = [_step(model, components, optimizer, _batch())["loss"] for _ in range(3)]
+        runs[compiled] = losses, model.state_dict()
+    (eager_losses, eager_state), (losses, state) = runs[False], runs[True]
+    assert losses == pytest.approx(eager_losses, rel=1e-4)
+    assert losses[-1] < losses[0]
+    assert state.keys() == eager_state.keys()  # the checkpoint's names do not change
+    for name in ("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight", "encoder.norm.weight"):
+        torch.testing.assert_close(state[name], eager_state[name], rtol=1e-4, atol=1e-5)

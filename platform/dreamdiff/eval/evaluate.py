@@ -58,7 +58,7 @@ from dreamdiff.eval.classifier import (
 )
 from dreamdiff.eval.splits import Split, split_rows
 from dreamdiff.models.clip import FrozenClipImage, load_clip_image_encoder
-from dreamdiff.models.generator import SPEC_FILE, Generator
+from dreamdiff.models.generator import SPEC_FILE, Generator, inference_dtype
 from dreamdiff.report import image_grid, write_report
 
 log = logging.getLogger(__name__)
@@ -576,8 +576,9 @@ def run(cfg: EvaluateConfig, image_source: ImageSource | None = None) -> dict[st
     files, meta = read_paired_meta(cfg.data)
     split, test = _select(cfg, meta)
     rows = load_rows(files, meta, test)
-    autocast = torch.bfloat16 if device.type == "cuda" and cfg.precision == "bf16" else None
-    generator = Generator.load(cfg.checkpoint, device, autocast_dtype=autocast)
+    generator = Generator.load(cfg.checkpoint, device, dtype=inference_dtype(device, cfg.precision))
+    if cfg.compile and image_source is None:
+        generator.compile()
     if image_source is None and cfg.guidance_scale != 1.0 and generator.model.conditioner.null is None:
         raise DreamdiffError(
             f"guidance_scale={cfg.guidance_scale} needs a generator fine-tuned with condition dropout; this one was "

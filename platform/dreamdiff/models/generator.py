@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from dreamdiff.errors import DreamdiffError
-from dreamdiff.models.diffusion import SDComponents, decode_latents, load_sd_components
+from dreamdiff.models.diffusion import SDComponents, compile_sd, decode_latents, load_sd_components
 from dreamdiff.models.eeg_diffusion import EEGDiffusion, GeneratorSpec, build_eeg_diffusion
 
 FORMAT_VERSION = 1
@@ -102,6 +102,12 @@ def make_sampler(name: Sampler, train_config: dict) -> SchedulerMixin:
     if name == "plms":  # the paper's sampler (PLMS, 250 steps): PNDM without its Runge-Kutta warm-up
         return PNDMScheduler.from_config(train_config, skip_prk_steps=True, timestep_spacing="trailing")
     raise DreamdiffError(f"sampler must be 'dpm++', 'ddim' or 'plms', got {name!r}")
+
+
+def inference_dtype(device: torch.device, precision: Literal["fp32", "bf16"]) -> torch.dtype | None:
+    """The weight dtype sampling loads with: bf16 on CUDA when asked (weights cast once, no per-op autocast
+    casts), else None (fp32: CPUs run bf16 slowly)."""
+    return torch.bfloat16 if device.type == "cuda" and precision == "bf16" else None
 
 
 def image_seeds(seed: int | list[int] | None, batch: int) -> list[int]:
@@ -179,6 +185,12 @@ class Generator:
         _load_trained(model, load_file(str(folder / WEIGHTS_FILE), device=str(device)), spec.base_model)
         model.eval().requires_grad_(False)
         return cls(model.to(dtype=dtype) if dtype else model, components, autocast_dtype)
+
+    def compile(self) -> Generator:
+        """torch.compile the UNet and VAE decoder (`compile_sd`): the first `generate` of each new batch shape
+        compiles, later ones run about twice as fast on a GPU. Returns self."""
+        compile_sd(self.components)
+        return self
 
     @torch.inference_mode()
     def generate(

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -46,7 +46,7 @@ from dreamdiff.data.schema import EPOCH_COLUMNS
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.eval.evaluate import eeg_seed, png_name
 from dreamdiff.models.eeg_diffusion import GeneratorSpec
-from dreamdiff.models.generator import SPEC_FILE, WEIGHTS_FILE, Generator, Sampler, model_id
+from dreamdiff.models.generator import SPEC_FILE, WEIGHTS_FILE, Generator, Sampler, inference_dtype, model_id
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,8 @@ class Job:
     steps: int
     guidance_scale: float
     use_gpu: bool
-    bf16: bool
+    precision: Literal["fp32", "bf16"]
+    compile: bool
 
 
 def _atomic(path: Path, write: Callable[[Path], object]) -> None:
@@ -111,7 +112,9 @@ class GenerateActor:
     def __init__(self, job: Job) -> None:
         self.job = job
         device = torch.device("cuda" if job.use_gpu else "cpu")
-        self.generator = Generator.load(job.checkpoint, device, autocast_dtype=torch.bfloat16 if job.bf16 else None)
+        self.generator = Generator.load(job.checkpoint, device, dtype=inference_dtype(device, job.precision))
+        if job.compile:
+            self.generator.compile()
         self.output = Path(job.output)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -334,8 +337,7 @@ def _generate(cfg: GenerateConfig, model: str, files: list[str], paired: bool, t
         output=str(Path(cfg.output).resolve()),
         model=model,
         use_gpu=cfg.num_gpus > 0,
-        bf16=cfg.num_gpus > 0 and cfg.precision == "bf16",
-        **cfg.model_dump(include={"num_images", "seed", "sampler", "steps", "guidance_scale"}),
+        **cfg.model_dump(include={"num_images", "seed", "sampler", "steps", "guidance_scale", "precision", "compile"}),
     )
     dataset = (
         ray.data.read_parquet(files)

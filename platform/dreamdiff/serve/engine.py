@@ -9,6 +9,7 @@ call; each keeps its own seed, and an image depends on its EEG's seed and index 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,10 @@ import torch
 
 from dreamdiff.config import ServeConfig
 from dreamdiff.errors import DreamdiffError
-from dreamdiff.models.generator import SPEC_FILE, Generator, model_id
+from dreamdiff.models.generator import SPEC_FILE, Generator, inference_dtype, model_id
 from dreamdiff.serve.api import GenerationItem, ModelInfo, ModelRef, ModelShape
+
+log = logging.getLogger(__name__)
 
 
 class GenerationEngine:
@@ -36,8 +39,12 @@ class GenerationEngine:
         if cfg.num_gpus > 0 and not torch.cuda.is_available():
             raise DreamdiffError(f"num_gpus is {cfg.num_gpus} but torch sees no CUDA device on this replica")
         device = torch.device("cuda" if cfg.num_gpus > 0 else "cpu")
-        autocast = torch.bfloat16 if device.type == "cuda" and cfg.precision == "bf16" else None
-        generator = Generator.load(cfg.checkpoint, device, autocast_dtype=autocast)
+        generator = Generator.load(cfg.checkpoint, device, dtype=inference_dtype(device, cfg.precision))
+        if cfg.compile:  # compile now, on one request of the default size, not on the first user's request
+            began = time.perf_counter()
+            shape = (1, generator.spec.msm.num_channels, generator.spec.msm.num_samples)
+            generator.compile().generate(torch.zeros(shape), num_images=cfg.defaults.num_images, steps=1, seed=0)
+            log.info("compiled the generator in %.0f s", time.perf_counter() - began)
         return cls(generator, cfg, _model_info(generator, cfg, str(device)))
 
     @property

@@ -20,7 +20,7 @@ import torch
 
 from dreamdiff.config import FinetuneConfig
 from dreamdiff.data.augment import augment_eeg
-from dreamdiff.models.diffusion import load_sd_components
+from dreamdiff.models.diffusion import compile_sd, load_sd_components
 from dreamdiff.models.eeg_diffusion import GeneratorSpec, build_eeg_diffusion
 from dreamdiff.models.generator import Generator, save_generator
 from dreamdiff.train.batches import ResumableBatches
@@ -65,6 +65,8 @@ def train_loop(config: dict[str, Any]) -> None:
             position = load_training_state(folder, model, optimizer)
         if rank == 0:
             log.info("resumed at step %d", position["step"])
+    if cfg.compile:  # compiles at the first step (and at the first preview); the state dict keeps its names
+        compile_sd(components)
     model = ray.train.torch.prepare_model(model)
 
     micro = cfg.batch_size // world
