@@ -132,10 +132,12 @@ def _sweep_section(cfg: DemoConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         rows = list(csv.DictReader(f))
     keep = ("trial_id", "mask_ratio", "encoder", "status", "probe_accuracy", "probe_chance", "val_loss", "wall_s")
     table = [{k: row[k] for k in keep if k in row} for row in rows]
+    best = sweep.best_trial([{**r, "probe_accuracy": float(r["probe_accuracy"] or "nan")} for r in rows])
     metrics = {
         "trials": len(rows),
         "stopped_early": sum(r.get("status") == "early-stopped" for r in rows),
-        "best": table[0] if table else None,
+        # the sweep's choice (the trial in best_config), not the top row: that can be a trial ASHA stopped early
+        "best": next(t for t in table if t["trial_id"] == best["trial_id"]) if best else None,
         "best_config": str(folder / sweep.BEST_FILE),
     }
     section = {

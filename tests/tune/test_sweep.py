@@ -30,6 +30,7 @@ from dreamdiff.tune.sweep import (
     RESULTS_FILE,
     _ReapPlacementGroups,
     _RecordPlacementGroup,
+    best_trial,
     check_search_space,
     max_concurrent_trials,
     param_space,
@@ -328,3 +329,17 @@ def test_interrupted_sweep_resumes_the_failed_trial_and_reruns_no_finished_one(s
     resumed = [json.loads(line) for line in (trials / first["8"]["trial_id"] / METRICS_FILE).read_text().splitlines()]
     assert [(m["step"], m["resumed_at"]) for m in resumed] == [(5, 0), (10, 5), (15, 5)]  # from its checkpoint
     assert len(result["trials"]) == 2
+
+
+def test_the_best_trial_is_the_best_completed_one() -> None:
+    """An early-stopped trial was scored after fewer steps: the sweep (and the demo's report) recommend the best
+    trial that completed, falling back to any scored trial only when none completed."""
+    rows = [
+        {"trial_id": "a", "status": "early-stopped", "probe_accuracy": 0.30},
+        {"trial_id": "b", "status": "completed", "probe_accuracy": 0.20},
+        {"trial_id": "c", "status": "completed", "probe_accuracy": 0.25},
+        {"trial_id": "d", "status": "error", "probe_accuracy": float("nan")},
+    ]
+    assert best_trial(rows)["trial_id"] == "c"
+    assert best_trial([rows[0], rows[3]])["trial_id"] == "a"
+    assert best_trial([rows[3]]) is None

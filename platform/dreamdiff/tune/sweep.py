@@ -356,6 +356,14 @@ def _score(row: dict[str, Any]) -> float:
     return -math.inf if value is None or math.isnan(value) else value
 
 
+def best_trial(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The trial the sweep recommends: the best probe score among the trials that completed (an early-stopped
+    trial was scored after fewer steps), or among all scored trials if none completed; None if none scored."""
+    scored = [r for r in rows if _score(r) > -math.inf]
+    completed = [r for r in scored if r["status"] == "completed"] or scored
+    return max(completed, key=_score) if completed else None
+
+
 def write_results(rows: list[dict[str, Any]], path: Path) -> None:
     """results.csv, best probe score first."""
     fields = list(dict.fromkeys(k for row in rows for k in row if k != "config"))
@@ -435,11 +443,9 @@ def run(cfg: SweepConfig) -> dict[str, Any]:
     failed = [r["trial_id"] for r in rows if r["status"] == "error"]
     if failed:
         log.warning("sweep: %d trial(s) failed (%s); re-run the same command to resume them", len(failed), failed)
-    scored = [r for r in rows if _score(r) > -math.inf]
-    if not scored:
+    best = best_trial(rows)
+    if best is None:
         raise DreamdiffError(f"sweep: no trial reported a probe score; see {output / RESULTS_FILE}")
-    completed = [r for r in scored if r["status"] == "completed"] or scored
-    best = max(completed, key=_score)
     best_path = write_best(best, len(rows), output)
     print(
         f"sweep: {len(rows)} trial(s): {sum(r['status'] == 'completed' for r in rows)} completed, "
