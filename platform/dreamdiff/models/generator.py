@@ -188,7 +188,7 @@ class Generator:
 
     def compile(self) -> Generator:
         """torch.compile the UNet and VAE decoder (`compile_sd`): the first `generate` of each new batch shape
-        compiles, later ones run about twice as fast on a GPU. Returns self."""
+        compiles (1.5 min for SD 1.5 on an H200), later ones ran 1.4x as fast there. Returns self."""
         compile_sd(self.components)
         return self
 
