@@ -7,6 +7,7 @@ measurement with samples/s, peak GPU memory and the ratio to BENCHMARKS.md's ref
 
     python benchmarks/finetune.py --tiny          # CPU smoke test (tiny UNet, batch 4)
     python benchmarks/finetune.py --suite gpu     # batch 8, fp32 and bf16 (BENCHMARKS.md)
+    python benchmarks/finetune.py --compile       # bf16 with `compile: true` (--compile reduce-overhead: + CUDA graphs)
 """
 
 from __future__ import annotations
@@ -35,15 +36,15 @@ def measure(
     device: torch.device,
     tiny: bool,
     channels_last: bool = False,
-    compile_: bool = False,
+    compile_: str | None = None,
 ) -> dict[str, Any]:
     torch.manual_seed(0)
     torch.set_float32_matmul_precision("highest")  # fp32 means fp32, as the reference
     components = sd_components(tiny, device, channels_last)
     model = eeg_diffusion(components, tiny)
     components.vae = None  # precomputed latents: the VAE does not run in a step
-    if compile_:
-        compile_sd(components)  # as FinetuneConfig.compile does
+    if compile_:  # as FinetuneConfig.compile does ("default": torch.compile's default mode)
+        compile_sd(components, None if compile_ == "default" else compile_)
     optimizer = build_finetune_optimizer(model, lr=5.3e-5, fused=device.type == "cuda")
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     side = components.unet.config.sample_size
@@ -88,8 +89,8 @@ def measure(
         "trainable_params": trained,
         "batch": batch,
         "precision": precision,
-        "channels_last": channels_last,
-        "compile": compile_,
+        "channels_last": channels_last or bool(compile_),  # compile_sd stores the UNet channels-last
+        "compile": compile_ or False,
         "device": device_name(device),
         "warmup_s": round(warmup_s, 1),
         "steps": steps,
@@ -111,7 +112,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny models, batch 4, 2 steps")
     p.add_argument("--suite", choices=["gpu"], help="gpu: batch 8 at fp32 and bf16")
     p.add_argument("--channels-last", action="store_true", help="UNet in channels-last, cuDNN autotuning")
-    p.add_argument("--compile", action="store_true", help="compile_sd: torch.compile the UNet (minutes of warm-up)")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="compile_sd(MODE): torch.compile the UNet (minutes of warm-up); MODE: torch.compile's, default if omitted",
+    )
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     if args.tiny:

@@ -6,7 +6,8 @@ ratio to BENCHMARKS.md's reference (fp32 PLMS 250 steps: 39.4 s + 0.46 s VAE dec
 
     python benchmarks/generate.py --tiny              # CPU smoke test (tiny models, 16 px, 4 steps)
     python benchmarks/generate.py --suite gpu         # reference setting, then ours (bf16 weights, DPM++ 25)
-    python benchmarks/generate.py --dtype bf16 --steps 25 --compile
+    python benchmarks/generate.py --dtype bf16 --steps 25 --compile                    # as `compile: true`
+    python benchmarks/generate.py --dtype bf16 --steps 25 --compile reduce-overhead    # + CUDA graphs
     python benchmarks/generate.py --breakdown --channels-last   # ms per part: encoder, one UNet step, VAE decode
 """
 
@@ -30,7 +31,7 @@ REFERENCE_S_PER_EEG = 39.4 + 0.46  # fp32, PLMS 250 steps, 5 images, 512 px
 GPU_SUITE = [("plms", 250, "fp32"), ("dpm++", 25, "bf16"), ("dpm++", 20, "bf16")]
 
 
-def build(device: torch.device, dtype: str, tiny: bool, compile_: bool, channels_last: bool) -> Generator:
+def build(device: torch.device, dtype: str, tiny: bool, compile_: str | None, channels_last: bool) -> Generator:
     torch.manual_seed(0)
     components = sd_components(tiny, device, channels_last)
     model = eeg_diffusion(components, tiny).eval().requires_grad_(False)
@@ -38,11 +39,13 @@ def build(device: torch.device, dtype: str, tiny: bool, compile_: bool, channels
         model.to(torch.bfloat16)
         components.vae.to(torch.bfloat16)
     generator = Generator(model, components)
-    return generator.compile() if compile_ else generator
+    if compile_:  # "default" is torch.compile's default mode
+        generator.compile(None if compile_ == "default" else compile_)
+    return generator
 
 
 def measure(
-    generator: Generator, sampler: str, steps: int, images: int, repeats: int, dtype: str, compile_: bool
+    generator: Generator, sampler: str, steps: int, images: int, repeats: int, dtype: str, compile_: str | None
 ) -> dict[str, Any]:
     device = generator.device
     eeg = torch.randn(1, 128, 512)
@@ -66,7 +69,7 @@ def measure(
         "sampler": sampler,
         "steps": steps,
         "dtype": dtype,
-        "compile": compile_,
+        "compile": compile_ or False,
         "channels_last": generator.components.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last),
         "device": device_name(device),
         "warmup_s": round(warmup_s, 1),
@@ -119,7 +122,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--compile", action="store_true", help="Generator.compile(): UNet and VAE decoder (slow warm-up)")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="Generator.compile(MODE): UNet and VAE decoder (slow warm-up); MODE: torch.compile's, default if omitted",
+    )
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny models, 16 px, 4 steps, 1 repeat")
     p.add_argument("--suite", choices=["gpu"], help="gpu: fp32 PLMS 250 (reference), bf16 DPM++ 25 and 20")
     p.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels-last, cuDNN autotuning")

@@ -126,20 +126,21 @@ def load_sd_components(
     return SDComponents(unet, vae, noise_scheduler, vae.config.scaling_factor, unet.config.sample_size * factor)
 
 
-def compile_sd(components: SDComponents) -> None:
+def compile_sd(components: SDComponents, mode: str | None = None) -> None:
     """torch.compile the UNet and the VAE decoder in place, their weights channels-last (cuDNN's layout on
     recent GPUs; the compiled graphs fuse GroupNorm + SiLU, which eager channels-last runs slowly).
 
     The first call of each new input shape (and grad mode) compiles: for SD 1.5 on one H200 about 1.5 min
     before sampling and 3 min before training. After it, 5 images for one EEG took 0.72 s against 1.03 s
     eager, and a fine-tuning step ran 59 samples/s against 43 (README, "GPU benchmarks"). Worth it for long
-    training runs and long-lived servers, not for a few calls. The state dict keeps its names.
+    training runs and long-lived servers, not for a few calls. The state dict keeps its names. `mode` is
+    torch.compile's (None: its default; the benchmarks' `--compile-mode` tries the others).
     """
     components.unet.to(memory_format=torch.channels_last)
-    components.unet.compile()
+    components.unet.compile(mode=mode)
     if components.vae is not None:
         components.vae.to(memory_format=torch.channels_last)
-        components.vae.decoder.compile()
+        components.vae.decoder.compile(mode=mode)
 
 
 def select_trainable(unet: UNet2DConditionModel, mode: Literal["cross_attention", "all", "none"]) -> list[str]:
