@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,14 +124,18 @@ def head(tmp_path: Path) -> Iterator[Head]:
 
 def _submit(head: Head, job_id: str, runtime_env: list[str], command: list[str]) -> str:
     """Submit and follow the logs to the end, as a user would; return the logs once the job SUCCEEDED."""
-    head.ray(
+    submitted = head.ray(
         "job", "submit", "--address", head.dashboard, "--submission-id", job_id, *runtime_env, "--", *command,
         timeout_s=SUBMIT_TIMEOUT_S,
     )  # fmt: skip
     logs = head.ray("job", "logs", "--address", head.dashboard, job_id).stdout
     request = urllib.request.Request(f"{head.dashboard}/api/jobs/{job_id}", headers={"Authorization": head.bearer})
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        status = json.loads(answer.read())["status"]
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            status = json.loads(answer.read())["status"]
+    except urllib.error.HTTPError as err:  # 404: the submission never made a job (e.g. its upload failed)
+        said = submitted.stderr[-4000:]
+        raise AssertionError(f"{job_id}: no such job ({err}); `ray job submit` said:\n{said}") from err
     assert status == "SUCCEEDED", f"{job_id}: {status}\n{logs[-6000:]}"
     return logs
 
