@@ -134,7 +134,7 @@ def compile_sd(components: SDComponents, mode: str | None = None) -> None:
     before sampling and 3 min before training. After it, 5 images for one EEG took 0.72 s against 1.03 s
     eager, and a fine-tuning step ran 59 samples/s against 43 (README, "GPU benchmarks"). Worth it for long
     training runs and long-lived servers, not for a few calls. The state dict keeps its names. `mode` is
-    torch.compile's (None: its default; the benchmarks' `--compile-mode` tries the others).
+    torch.compile's (None: its default; the benchmarks' `--compile MODE` tries the others).
     """
     components.unet.to(memory_format=torch.channels_last)
     components.unet.compile(mode=mode)
