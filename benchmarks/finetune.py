@@ -18,9 +18,16 @@ import time
 from typing import Any
 
 import torch
-from sd_shapes import device_name, eeg_diffusion, peak_memory_gb, sd_components, synchronize
+from sd_shapes import (
+    add_compile_flag,
+    compile_components,
+    device_name,
+    eeg_diffusion,
+    peak_memory_gb,
+    sd_components,
+    synchronize,
+)
 
-from dreamdiff.models.diffusion import compile_sd
 from dreamdiff.train.finetune_step import build_finetune_optimizer, finetune_train_step
 
 REFERENCE_DEVICE = "NVIDIA H200"
@@ -43,8 +50,7 @@ def measure(
     components = sd_components(tiny, device, channels_last)
     model = eeg_diffusion(components, tiny)
     components.vae = None  # precomputed latents: the VAE does not run in a step
-    if compile_:  # as FinetuneConfig.compile does ("default": torch.compile's default mode)
-        compile_sd(components, None if compile_ == "default" else compile_)
+    compile_components(components, compile_)  # as FinetuneConfig.compile does
     optimizer = build_finetune_optimizer(model, lr=5.3e-5, fused=device.type == "cuda")
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     side = components.unet.config.sample_size
@@ -112,13 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny models, batch 4, 2 steps")
     p.add_argument("--suite", choices=["gpu"], help="gpu: batch 8 at fp32 and bf16")
     p.add_argument("--channels-last", action="store_true", help="UNet in channels-last, cuDNN autotuning")
-    p.add_argument(
-        "--compile",
-        nargs="?",
-        const="default",
-        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-        help="compile_sd(MODE): torch.compile the UNet (minutes of warm-up); MODE: torch.compile's, default if omitted",
-    )
+    add_compile_flag(p, "the UNet")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     if args.tiny:

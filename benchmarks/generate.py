@@ -20,7 +20,15 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from sd_shapes import device_name, eeg_diffusion, peak_memory_gb, sd_components, synchronize
+from sd_shapes import (
+    add_compile_flag,
+    compile_components,
+    device_name,
+    eeg_diffusion,
+    peak_memory_gb,
+    sd_components,
+    synchronize,
+)
 
 from dreamdiff.models.diffusion import decode_latents
 from dreamdiff.models.generator import Generator
@@ -39,8 +47,7 @@ def build(device: torch.device, dtype: str, tiny: bool, compile_: str | None, ch
         model.to(torch.bfloat16)
         components.vae.to(torch.bfloat16)
     generator = Generator(model, components)
-    if compile_:  # "default" is torch.compile's default mode
-        generator.compile(None if compile_ == "default" else compile_)
+    compile_components(components, compile_)
     return generator
 
 
@@ -122,13 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument(
-        "--compile",
-        nargs="?",
-        const="default",
-        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-        help="Generator.compile(MODE): UNet and VAE decoder (slow warm-up); MODE: torch.compile's, default if omitted",
-    )
+    add_compile_flag(p, "the UNet and VAE decoder")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny models, 16 px, 4 steps, 1 repeat")
     p.add_argument("--suite", choices=["gpu"], help="gpu: fp32 PLMS 250 (reference), bf16 DPM++ 25 and 20")
     p.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels-last, cuDNN autotuning")

@@ -6,11 +6,13 @@ and arithmetic matter for throughput.
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from dreamdiff.models.conditioner import ConditionerConfig
-from dreamdiff.models.diffusion import SDComponents
+from dreamdiff.models.diffusion import SDComponents, compile_sd
 from dreamdiff.models.eeg_diffusion import EEGDiffusion, GeneratorSpec, build_eeg_diffusion
 from dreamdiff.models.msm import MSMConfig
 
@@ -101,3 +103,20 @@ def peak_memory_gb(device: torch.device) -> float | None:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def add_compile_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """`--compile [MODE]`: compile_sd as `compile: true` does (MODE omitted: torch.compile's default mode)."""
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help=f"compile_sd(MODE): {what} (slow warm-up); MODE: torch.compile's, default if omitted",
+    )
+
+
+def compile_components(components: SDComponents, flag: str | None) -> None:
+    """Apply a `--compile` flag's value (None: leave the models eager)."""
+    if flag:
+        compile_sd(components, None if flag == "default" else flag)
