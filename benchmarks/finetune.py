@@ -7,7 +7,8 @@ measurement with samples/s, peak GPU memory and the ratio to BENCHMARKS.md's ref
 
     python benchmarks/finetune.py --tiny          # CPU smoke test (tiny UNet, batch 4)
     python benchmarks/finetune.py --suite gpu     # batch 8, fp32 and bf16 (BENCHMARKS.md)
-    python benchmarks/finetune.py --compile       # bf16 with `compile: true` (--compile reduce-overhead: + CUDA graphs)
+    python benchmarks/finetune.py --compile       # bf16 as `compile: true` (UNet and encoder blocks compiled)
+    python benchmarks/finetune.py --compile reduce-overhead   # as `compile: reduce-overhead` (+ CUDA graphs)
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from typing import Any
 import torch
 from sd_shapes import (
     add_compile_flag,
-    compile_components,
     device_name,
     eeg_diffusion,
     peak_memory_gb,
     sd_components,
     synchronize,
+    torch_mode,
 )
 
+from dreamdiff.models.eeg_diffusion import compile_for_training
 from dreamdiff.train.finetune_step import build_finetune_optimizer, finetune_train_step
 
 REFERENCE_DEVICE = "NVIDIA H200"
@@ -50,7 +52,8 @@ def measure(
     components = sd_components(tiny, device, channels_last)
     model = eeg_diffusion(components, tiny)
     components.vae = None  # precomputed latents: the VAE does not run in a step
-    compile_components(components, compile_)  # as FinetuneConfig.compile does
+    if compile_:  # as FinetuneConfig.compile does
+        compile_for_training(model, components, torch_mode(compile_))
     optimizer = build_finetune_optimizer(model, lr=5.3e-5, fused=device.type == "cuda")
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     side = components.unet.config.sample_size
@@ -95,7 +98,7 @@ def measure(
         "trainable_params": trained,
         "batch": batch,
         "precision": precision,
-        "channels_last": channels_last or bool(compile_),  # compile_sd stores the UNet channels-last
+        "channels_last": channels_last or bool(compile_),  # compiling stores the UNet channels-last
         "compile": compile_ or False,
         "device": device_name(device),
         "warmup_s": round(warmup_s, 1),

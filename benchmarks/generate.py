@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from sd_shapes import (
     add_compile_flag,
-    compile_components,
     device_name,
     eeg_diffusion,
     peak_memory_gb,
     sd_components,
     synchronize,
+    torch_mode,
 )
 
 from dreamdiff.models.diffusion import decode_latents
@@ -47,7 +47,8 @@ def build(device: torch.device, dtype: str, tiny: bool, compile_: str | None, ch
         model.to(torch.bfloat16)
         components.vae.to(torch.bfloat16)
     generator = Generator(model, components)
-    compile_components(components, compile_)
+    if compile_:
+        generator.compile(torch_mode(compile_))  # as `compile:` does in serve, generate and evaluate
     return generator
 
 

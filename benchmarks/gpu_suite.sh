@@ -18,5 +18,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >&
 run msm 170 benchmarks/msm.py --suite gpu
 run finetune 120 benchmarks/finetune.py --suite gpu
 run generate 150 benchmarks/generate.py --suite gpu --repeats 3
+run finetune_compiled 300 benchmarks/finetune.py --compile reduce-overhead --steps 20
+run generate_compiled 240 benchmarks/generate.py --steps 25 --repeats 5 --compile reduce-overhead
 run serve 120 benchmarks/serve.py --mode inprocess --model sd15-shape --requests 64 --concurrency 16
 cat "$out/gpu_suite.jsonl"

@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from dreamdiff.models.conditioner import ConditionerConfig
-from dreamdiff.models.diffusion import SDComponents, compile_sd
+from dreamdiff.models.diffusion import SDComponents
 from dreamdiff.models.eeg_diffusion import EEGDiffusion, GeneratorSpec, build_eeg_diffusion
 from dreamdiff.models.msm import MSMConfig
 
@@ -106,17 +106,17 @@ def synchronize(device: torch.device) -> None:
 
 
 def add_compile_flag(parser: argparse.ArgumentParser, what: str) -> None:
-    """`--compile [MODE]`: compile_sd as `compile: true` does (MODE omitted: torch.compile's default mode)."""
+    """`--compile [MODE]`: as a stage's `compile` setting does (MODE omitted: true, torch.compile's default mode;
+    reduce-overhead as `compile: reduce-overhead`)."""
     parser.add_argument(
         "--compile",
         nargs="?",
         const="default",
         choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-        help=f"compile_sd(MODE): {what} (slow warm-up); MODE: torch.compile's, default if omitted",
+        help=f"torch.compile {what} (slow warm-up); MODE: torch.compile's, default if omitted",
     )
 
 
-def compile_components(components: SDComponents, flag: str | None) -> None:
-    """Apply a `--compile` flag's value (None: leave the models eager)."""
-    if flag:
-        compile_sd(components, None if flag == "default" else flag)
+def torch_mode(flag: str) -> str | None:
+    """A `--compile` flag's value as torch.compile's mode (None: its default)."""
+    return None if flag == "default" else flag

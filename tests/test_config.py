@@ -15,6 +15,7 @@ from dreamdiff.config import (
     apply_overrides,
     load_config,
     record_config,
+    torch_compile_mode,
 )
 
 STAGE_OF = {"demo.yaml": "demo"}
@@ -70,6 +71,17 @@ def test_wrong_type_names_key_expected_type_and_origin() -> None:
     message = str(err.value)
     assert "model.depth" in message and "integer" in message and "'deep'" in message
     assert "from the command line" in message
+
+
+def test_compile_takes_false_true_or_reduce_overhead_and_names_the_choices() -> None:
+    for stage, name in (("finetune", "finetune-demo"), ("serve", "serve-demo"), ("generate", "generate-demo")):
+        assert load_config(stage, name, ["compile=reduce-overhead"]).compile == "reduce-overhead"
+        assert load_config(stage, name, ["compile=true"]).compile is True
+        assert torch_compile_mode(load_config(stage, name, ["compile=true"]).compile) is None  # torch's default
+    with pytest.raises(ConfigError) as err:
+        load_config("evaluate", "evaluate-demo", ["compile=max-speed"])
+    message = str(err.value)
+    assert "compile: expected false, true or reduce-overhead (got 'max-speed')" in message
 
 
 def test_missing_file_and_malformed_override_and_yaml(tmp_path: Path) -> None:

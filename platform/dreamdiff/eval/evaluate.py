@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import Tensor, nn
 
-from dreamdiff.config import EvaluateConfig, read_yaml, record_config, validate_config
+from dreamdiff.config import EvaluateConfig, read_yaml, record_config, torch_compile_mode, validate_config
 from dreamdiff.data.synthetic import SynthConfig, render_image
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.eval import metrics
@@ -578,7 +578,7 @@ def run(cfg: EvaluateConfig, image_source: ImageSource | None = None) -> dict[st
     rows = load_rows(files, meta, test)
     generator = Generator.load(cfg.checkpoint, device, dtype=inference_dtype(device, cfg.precision))
     if cfg.compile and image_source is None:
-        generator.compile()
+        generator.compile(torch_compile_mode(cfg.compile))
     if image_source is None and cfg.guidance_scale != 1.0 and generator.model.conditioner.null is None:
         raise DreamdiffError(
             f"guidance_scale={cfg.guidance_scale} needs a generator fine-tuned with condition dropout; this one was "

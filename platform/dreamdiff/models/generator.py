@@ -186,10 +186,10 @@ class Generator:
         model.eval().requires_grad_(False)
         return cls(model.to(dtype=dtype) if dtype else model, components, autocast_dtype)
 
-    def compile(self) -> Generator:
-        """torch.compile the UNet and VAE decoder (`compile_sd`): the first `generate` of each new batch shape
-        compiles (1.5 min for SD 1.5 on an H200), later ones ran 1.4x as fast there. Returns self."""
-        compile_sd(self.components)
+    def compile(self, mode: str | None = None) -> Generator:
+        """torch.compile the UNet and VAE decoder (`compile_sd`, torch.compile's `mode`): the first `generate` of
+        each new batch shape compiles (1.5 min for SD 1.5 on an H200). Returns self."""
+        compile_sd(self.components, mode)
         return self
 
     @torch.inference_mode()

@@ -280,6 +280,12 @@ class MSMEncoder(nn.Module):
     def forward(self, eeg: Tensor, channel_mask: Tensor | None = None) -> Tensor:
         return self.encode(self.embed(eeg, channel_mask))[:, 1:]
 
+    def compile_blocks(self, mode: str | None = None) -> None:
+        """torch.compile each transformer block in place (regional compilation: the blocks share one compiled
+        graph, so this compiles one block, not `depth`). `mode` is torch.compile's."""
+        for block in self.blocks:
+            block.compile(mode=mode)
+
 
 class MSMDecoder(nn.Module):
     """Encoded visible tokens + mask tokens -> reconstructed patches [B, L, p*C]."""

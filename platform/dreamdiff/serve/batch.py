@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from dreamdiff.config import GenerateConfig, dump_config
+from dreamdiff.config import Compile, GenerateConfig, dump_config, torch_compile_mode
 from dreamdiff.data.schema import EPOCH_COLUMNS
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.eval.evaluate import eeg_seed, png_name
@@ -90,7 +90,7 @@ class Job:
     guidance_scale: float
     use_gpu: bool
     precision: Literal["fp32", "bf16"]
-    compile: bool
+    compile: Compile
 
 
 def _atomic(path: Path, write: Callable[[Path], object]) -> None:
@@ -114,7 +114,7 @@ class GenerateActor:
         device = torch.device("cuda" if job.use_gpu else "cpu")
         self.generator = Generator.load(job.checkpoint, device, dtype=inference_dtype(device, job.precision))
         if job.compile:
-            self.generator.compile()
+            self.generator.compile(torch_compile_mode(job.compile))
         self.output = Path(job.output)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

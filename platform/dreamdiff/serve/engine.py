@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dreamdiff.config import ServeConfig
+from dreamdiff.config import ServeConfig, torch_compile_mode
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.generator import SPEC_FILE, Generator, inference_dtype, model_id
 from dreamdiff.serve.api import GenerationItem, ModelInfo, ModelRef, ModelShape
@@ -43,7 +43,8 @@ class GenerationEngine:
         if cfg.compile:  # compile now, on one request of the default size, not on the first user's request
             began = time.perf_counter()
             shape = (1, generator.spec.msm.num_channels, generator.spec.msm.num_samples)
-            generator.compile().generate(torch.zeros(shape), num_images=cfg.defaults.num_images, steps=1, seed=0)
+            generator.compile(torch_compile_mode(cfg.compile))
+            generator.generate(torch.zeros(shape), num_images=cfg.defaults.num_images, steps=1, seed=0)
             log.info("compiled the generator in %.0f s", time.perf_counter() - began)
         return cls(generator, cfg, _model_info(generator, cfg, str(device)))
 

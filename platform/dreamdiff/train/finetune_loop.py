@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from dreamdiff.config import FinetuneConfig
+from dreamdiff.config import FinetuneConfig, torch_compile_mode
 from dreamdiff.data.augment import augment_eeg
-from dreamdiff.models.diffusion import compile_sd, load_sd_components
-from dreamdiff.models.eeg_diffusion import GeneratorSpec, build_eeg_diffusion
+from dreamdiff.models.diffusion import load_sd_components
+from dreamdiff.models.eeg_diffusion import GeneratorSpec, build_eeg_diffusion, compile_for_training
 from dreamdiff.models.generator import Generator, save_generator
 from dreamdiff.train.batches import ResumableBatches
 from dreamdiff.train.checkpoint import load_training_state, unwrap
@@ -66,7 +66,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank == 0:
             log.info("resumed at step %d", position["step"])
     if cfg.compile:  # compiles at the first step (and at the first preview); the state dict keeps its names
-        compile_sd(components)
+        compile_for_training(model, components, torch_compile_mode(cfg.compile))
     model = ray.train.torch.prepare_model(model)
 
     micro = cfg.batch_size // world
