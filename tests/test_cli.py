@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,31 @@ def test_console_script_is_installed() -> None:
     assert script.exists(), "pip install -e . should install the `dreamdiff` console script"
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
+
+
+def test_a_local_ray_driver_drops_the_placement_group_cleaners_warnings() -> None:
+    """`quiet_local_ray_logs` before `import ray`: the cleaner's State API warning, logged by a worker, never reaches
+    the driver's output; the worker's other lines do."""
+    code = """
+import logging
+from dreamdiff.cli import quiet_local_ray_logs
+quiet_local_ray_logs()
+import ray
+ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+
+@ray.remote
+def warn() -> None:
+    log = logging.getLogger("cleaner")
+    log.warning("Failed to query Ray Train Controller actor state. State API may be temporarily unavailable.")
+    log.warning("a warning that stays")
+
+ray.get(warn.remote())
+import time; time.sleep(2)  # the log monitor forwards worker lines about once a second
+ray.shutdown()
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DEDUP_LOGS_SKIP_REGEX")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-2000:]
+    assert "a warning that stays" in output
+    assert "Failed to query Ray Train Controller" not in output
