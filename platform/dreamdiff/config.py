@@ -244,7 +244,7 @@ Compile = Annotated[bool | Literal["reduce-overhead"], BeforeValidator(_compile_
 replayed as CUDA graphs, which removes the host's kernel launches; GPU only, the fastest there)."""
 
 _COMPILE_SAMPLING = (
-    "torch.compile the UNet and VAE decoder (true, or reduce-overhead: + CUDA graphs). On one H200, 5 images per EEG: "
+    "torch.compile the UNet and VAE decoder (true, or reduce-overhead: + CUDA graphs). On H200s, 5 images per EEG: "
     "1.05 s eager, 0.72 s true, 0.40 s reduce-overhead, after about 1.5 min of compiling per new batch shape"
 )
 
@@ -310,7 +310,7 @@ class FinetuneConfig(StrictModel):
     compile: Compile = Field(
         default=False,
         description="torch.compile the UNet and the encoder's blocks (true, or reduce-overhead: + CUDA graphs). SD "
-        "1.5, batch 8, one H200: 38-57 samples/s eager, 59 with the UNet alone compiled, 103 reduce-overhead, after "
+        "1.5, batch 8, H200s: 38-57 samples/s eager, 59 with the UNet alone compiled, 103 reduce-overhead, after "
         "about 3 min of compiling",
     )
     seed: int = Field(default=2022, ge=0)
