@@ -26,7 +26,6 @@ from sd_shapes import (
     peak_memory_gb,
     sd_components,
     synchronize,
-    torch_mode,
 )
 
 from dreamdiff.models.eeg_diffusion import compile_for_training
@@ -53,7 +52,7 @@ def measure(
     model = eeg_diffusion(components, tiny)
     components.vae = None  # precomputed latents: the VAE does not run in a step
     if compile_:  # as FinetuneConfig.compile does
-        compile_for_training(model, components, torch_mode(compile_))
+        compile_for_training(model, components, compile_)
     optimizer = build_finetune_optimizer(model, lr=5.3e-5, fused=device.type == "cuda")
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     side = components.unet.config.sample_size

@@ -27,7 +27,6 @@ from sd_shapes import (
     peak_memory_gb,
     sd_components,
     synchronize,
-    torch_mode,
 )
 
 from dreamdiff.models.diffusion import decode_latents
@@ -48,7 +47,7 @@ def build(device: torch.device, dtype: str, tiny: bool, compile_: str | None, ch
         components.vae.to(torch.bfloat16)
     generator = Generator(model, components)
     if compile_:
-        generator.compile(torch_mode(compile_))  # as `compile:` does in serve, generate and evaluate
+        generator.compile(compile_)  # as `compile:` does in serve, generate and evaluate
     return generator
 
 

@@ -106,8 +106,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def add_compile_flag(parser: argparse.ArgumentParser, what: str) -> None:
-    """`--compile [MODE]`: as a stage's `compile` setting does (MODE omitted: true, torch.compile's default mode;
-    reduce-overhead as `compile: reduce-overhead`)."""
+    """`--compile [MODE]`: as a stage's `compile` setting does (MODE omitted: "default", torch.compile's mode for
+    `compile: true`; reduce-overhead as `compile: reduce-overhead`). The value is torch.compile's `mode`."""
     parser.add_argument(
         "--compile",
         nargs="?",
@@ -115,8 +115,3 @@ def add_compile_flag(parser: argparse.ArgumentParser, what: str) -> None:
         choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
         help=f"torch.compile {what} (slow warm-up); MODE: torch.compile's, default if omitted",
     )
-
-
-def torch_mode(flag: str) -> str | None:
-    """A `--compile` flag's value as torch.compile's mode (None: its default)."""
-    return None if flag == "default" else flag
