@@ -33,6 +33,7 @@ from dreamdiff.models.diffusion_config import TinyDiffusionConfig
 from dreamdiff.models.msm import MSMConfig
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+Sampler = Literal["dpm++", "ddim", "plms"]  # DPM-Solver++ (fast), DDIM, PLMS (the paper's)
 
 
 class ConfigError(DreamdiffError):
@@ -443,7 +444,7 @@ class ServeDefaultsSection(StrictModel):
 
     num_images: int = Field(default=1, ge=1)
     steps: int = Field(default=25, ge=1)
-    sampler: Literal["dpm++", "ddim", "plms"] = Field(default="dpm++", description="paper: plms, 250 steps")
+    sampler: Sampler = Field(default="dpm++", description="paper: plms, 250 steps")
     guidance_scale: float = Field(default=1.0, ge=0, description="1.0 = no classifier-free guidance (paper)")
 
 
@@ -534,7 +535,7 @@ class GenerateConfig(StrictModel):
     checkpoint: str = Field(description="generator checkpoint folder (generator.json + generator.safetensors)")
     num_images: int = Field(default=5, ge=1, description="images per EEG (paper: 5)")
     seed: int = Field(default=0, ge=0, description="base seed: EEG e samples from sha256(f'{seed}/{epoch_id}')")
-    sampler: Literal["dpm++", "ddim", "plms"] = Field(default="dpm++", description="paper: plms, 250 steps")
+    sampler: Sampler = Field(default="dpm++", description="paper: plms, 250 steps")
     steps: int = Field(default=25, ge=1)
     guidance_scale: float = Field(default=1.0, ge=0, description="1.0 = no classifier-free guidance (paper)")
     precision: Literal["fp32", "bf16"] = Field(default="bf16", description="bf16 weights on GPU; CPU runs fp32")
@@ -586,7 +587,7 @@ class EvaluateConfig(StrictModel):
     top_k: int = Field(default=1, ge=1)
     trials: int = Field(default=50, ge=1)
     samples_per_eeg: int = Field(default=5, ge=1)
-    sampler: Literal["dpm++", "ddim", "plms"] = Field(default="dpm++", description="paper: plms, 250 steps")
+    sampler: Sampler = Field(default="dpm++", description="paper: plms, 250 steps")
     steps: int = Field(default=25, ge=1)
     guidance_scale: float = Field(default=1.0, ge=0, description="1.0 = no classifier-free guidance (paper)")
     clip_metrics: bool = Field(default=True, description="CLIP similarity and EEG->image retrieval")

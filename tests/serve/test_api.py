@@ -127,3 +127,13 @@ def test_unknown_rate_and_garbage_files() -> None:
     _refused(lambda: parse_npy(b"PK\x03\x04" + bytes(100), {}), 422, "eeg")  # an .npz
     guided = ModelShape(channels=128, samples=512, image_size=8, guidance=True)
     assert resolve(x, parse_npy(_npy(x), {"guidance_scale": "3"})[1], cfg, guided).guidance_scale == 3.0
+
+
+def test_the_ingress_module_does_not_import_diffusers() -> None:
+    # the ingress replica imports dreamdiff.serve.app; only the generator's replicas need diffusers (seconds of
+    # start-up and hundreds of MB per process), so an autoscaled ingress comes up fast
+    import subprocess
+    import sys
+
+    code = "import sys, dreamdiff.serve.app; print('diffusers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

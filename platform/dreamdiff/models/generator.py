@@ -28,6 +28,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from dreamdiff.config import Sampler
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.diffusion import SDComponents, compile_sd, decode_latents, load_sd_components
 from dreamdiff.models.eeg_diffusion import EEGDiffusion, GeneratorSpec, build_eeg_diffusion
@@ -35,7 +36,6 @@ from dreamdiff.models.eeg_diffusion import EEGDiffusion, GeneratorSpec, build_ee
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "generator.safetensors"
 SPEC_FILE = "generator.json"
-Sampler = Literal["dpm++", "ddim", "plms"]
 
 
 def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:

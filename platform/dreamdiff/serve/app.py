@@ -55,7 +55,6 @@ from dreamdiff.serve.api import (
     parse_npy,
     resolve,
 )
-from dreamdiff.serve.engine import GenerationEngine
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
@@ -283,6 +282,9 @@ class GeneratorDeployment:
     """One Generator per replica; `generate` gathers requests with `@serve.batch` (size and wait from config)."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
+        # imported here: only this deployment's replicas need diffusers; the ingress's start in seconds less
+        from dreamdiff.serve.engine import GenerationEngine
+
         self.engine = GenerationEngine.load(ServeConfig.model_validate(cfg))
         self.generate.set_max_batch_size(self.engine.cfg.batching.max_batch_size)
         self.generate.set_batch_wait_timeout_s(self.engine.cfg.batching.batch_wait_timeout_s)

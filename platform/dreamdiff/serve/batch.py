@@ -41,12 +41,12 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from dreamdiff.config import Compile, GenerateConfig, dump_config, torch_compile_mode
+from dreamdiff.config import Compile, GenerateConfig, Sampler, dump_config, torch_compile_mode
 from dreamdiff.data.schema import EPOCH_COLUMNS
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.eval.evaluate import eeg_seed, png_name
 from dreamdiff.models.eeg_diffusion import GeneratorSpec
-from dreamdiff.models.generator import SPEC_FILE, WEIGHTS_FILE, Generator, Sampler, inference_dtype, model_id
+from dreamdiff.models.generator import SPEC_FILE, WEIGHTS_FILE, Generator, inference_dtype, model_id
 
 log = logging.getLogger(__name__)
 
