@@ -282,7 +282,7 @@ class GeneratorDeployment:
     """One Generator per replica; `generate` gathers requests with `@serve.batch` (size and wait from config)."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
-        # imported here: only this deployment's replicas need diffusers; the ingress's start in seconds less
+        # imported here: only this deployment's replicas need diffusers, so the ingress's start without it
         from dreamdiff.serve.engine import GenerationEngine
 
         self.engine = GenerationEngine.load(ServeConfig.model_validate(cfg))
