@@ -282,7 +282,7 @@ class GeneratorDeployment:
     """One Generator per replica; `generate` gathers requests with `@serve.batch` (size and wait from config)."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
-        # imported here: only this deployment's replicas need diffusers, so the ingress's start without it
+        # imported here, not at the top: only this deployment needs diffusers, so ingress replicas start without it
         from dreamdiff.serve.engine import GenerationEngine
 
         self.engine = GenerationEngine.load(ServeConfig.model_validate(cfg))
