@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from dreamdiff.cli import main
+from dreamdiff.config import load_config, validate_config
+from dreamdiff.demo import ablation_configs, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["preprocess", "pretrain", "finetune", "sweep", "evaluate", "serve", "generate"]
@@ -34,6 +36,20 @@ def quick_demo(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Pat
     out = tmp_path_factory.mktemp("demo") / "run"
     assert main(["demo", "--quick", "--out", str(out), f"serve.port={PORT}"]) == 0
     return out
+
+
+def test_every_ablation_fine_tunes_the_full_runs_base_model(tmp_path: Path) -> None:
+    cfg = resolve(load_config("demo", ROOT / "configs" / "demo.yaml", [f"output={tmp_path}", "ablations=true"]))
+    assert cfg.finetune.tiny_sd_pretrain is not None and cfg.finetune.trainable == "cross_attention"
+    variants = ablation_configs(cfg)
+    assert list(variants) == ["no pretraining", "no CLIP loss", "neither"]
+    for name, (ft, ev) in variants.items():
+        # one base model for all (the full run's pretrained tiny SD, not pretrained again), a config that validates
+        assert ft.base_model == str(tmp_path / "finetune" / "tiny-sd") and ft.tiny_sd is None, name
+        assert ft.tiny_sd_pretrain is None and ft.trainable == "cross_attention", name
+        validate_config("finetune", ft.model_dump(mode="json"), name)
+        assert ev.checkpoint == str(Path(ft.output) / "generator") and ft.output != cfg.finetune.output
+    assert variants["no pretraining"][0].encoder_checkpoint is None and variants["neither"][0].clip_weight == 0
 
 
 @pytest.mark.slow
@@ -60,6 +76,7 @@ def test_report_references_existing_images_and_shows_every_stage(quick_demo: Pat
     assert len(images) >= 10 and all((quick_demo / src).is_file() for src in images)
     for heading in ("Headline", "MSM pretraining", "Fine-tuning", "Sweep", "Evaluation", "Serve", "Batch generation"):
         assert heading in report, heading
+    assert "finetune/tiny-sd/preview.png" in report  # what the base model draws before fine-tuning
     assert "Resolved config" in report
 
 
@@ -73,7 +90,9 @@ def test_report_renders_in_headless_chromium(quick_demo: Path) -> None:
     # a copy of the report, beside it so relative image paths resolve, that writes what the browser saw
     probe = quick_demo / "report-browser-check.html"
     probe.write_text(
-        (quick_demo / "report.html").read_text().replace(
+        (quick_demo / "report.html")
+        .read_text()
+        .replace(
             "</body>",
             "<script>window.addEventListener('load', () => { const seen = [...document.images].map("
             "i => [i.getAttribute('src'), i.complete, i.naturalWidth]); const tables = [...document.querySelectorAll"
@@ -81,12 +100,22 @@ def test_report_renders_in_headless_chromium(quick_demo: Path) -> None:
             "JSON.stringify({images: seen, tables}).replace(/</g, '&lt;') + '</pre>'); });</script></body>",
         )
     )
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", f"--user-data-dir={quick_demo / '.chromium'}"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={quick_demo / '.chromium'}",
+    ]
     url = probe.resolve().as_uri()
     dom = subprocess.run(
         [browser, *flags, "--virtual-time-budget=20000", "--dump-dom", url],
-        capture_output=True, text=True, timeout=180,
+        capture_output=True,
+        text=True,
+        timeout=180,
     ).stdout
     found = re.findall(r'<pre id="seen">(.*?)</pre>', dom, re.S)  # the last: the first is the script's own text
     assert found, dom[-2000:]
@@ -98,7 +127,8 @@ def test_report_renders_in_headless_chromium(quick_demo: Path) -> None:
     shot = ARTIFACTS / "demo-report.png"
     subprocess.run(
         [browser, *flags, "--window-size=1200,4000", f"--screenshot={shot}", (quick_demo / "report.html").as_uri()],
-        capture_output=True, timeout=180,
+        capture_output=True,
+        timeout=180,
     )
     assert shot.is_file() and shot.stat().st_size > 10_000
 

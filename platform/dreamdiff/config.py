@@ -255,12 +255,27 @@ def torch_compile_mode(setting: Compile) -> str | None:
     return None if setting is True else str(setting)
 
 
+class TinySDPretrainSection(StrictModel):
+    """Training the tiny SD to draw before fine-tuning (train/tiny_sd_pretrain.py): the stand-in for SD's own
+    pretraining, on the training stimuli conditioned on their CLIP image embeddings."""
+
+    steps: int = Field(default=400, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=1.0e-3, gt=0)
+    min_lr: float = Field(default=1.0e-4, ge=0)
+    warmup_steps: int = Field(default=20, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    cond_drop_prob: float = Field(default=0.1, ge=0, lt=1, description="contexts replaced by zeros (unconditional)")
+    log_every_steps: int = Field(default=50, ge=1)
+
+
 class FinetuneConfig(StrictModel):
     """Stable Diffusion conditioned on the EEG encoder, with the CLIP alignment loss.
 
     The base model is either `base_model` (SD 1.5 id or local folder: the paper's setting, with `trainable:
     cross_attention`) or `tiny_sd` (no pretrained SD at hand: a random tiny SD of those sizes is built once into
-    <output>/tiny-sd and trained in full, `trainable: all`). Defaults are the reference implementation's.
+    <output>/tiny-sd; with `tiny_sd_pretrain` it first learns to draw, standing in for SD's pretraining, so the
+    paper's `trainable: cross_attention` applies). Defaults are the reference implementation's.
     """
 
     data: str = Field(description="folder of paired shards (epoch-only shards below it are ignored)")
@@ -293,6 +308,11 @@ class FinetuneConfig(StrictModel):
         "<output>/clip-random.safetensors (the demo's offline stand-in)",
     )
     clip_weight: float = Field(default=1.0, ge=0, description="weight of the CLIP alignment loss; 0 = ablation")
+    tiny_sd_pretrain: TinySDPretrainSection | None = Field(
+        default=None,
+        description="with tiny_sd: first train the tiny SD to draw the training stimuli from their CLIP embeddings "
+        "(the stand-in for SD's pretraining; null = fine-tune a random one)",
+    )
     train_splits: list[str] = Field(default=["train"], min_length=1, description="paired-shard splits trained on")
     optim: OptimSection = Field(
         # reference: torch AdamW defaults (betas 0.9/0.999, wd 0.01), constant lr 5.3e-5, Lightning grad clip 0.5
@@ -332,6 +352,23 @@ class FinetuneConfig(StrictModel):
     def _one_base(cls, value: TinyDiffusionConfig | None, info: ValidationInfo) -> TinyDiffusionConfig | None:
         if (info.data.get("base_model") is None) == (value is None):
             raise ValueError("give exactly one of base_model (an SD folder or id) and tiny_sd (sizes of a tiny SD)")
+        return value
+
+    @field_validator("tiny_sd_pretrain")
+    @classmethod
+    def _pretrain_needs_tiny(
+        cls, value: TinySDPretrainSection | None, info: ValidationInfo
+    ) -> TinySDPretrainSection | None:
+        tiny, conditioner = info.data.get("tiny_sd"), info.data.get("conditioner")
+        if value is None:
+            return value
+        if tiny is None:
+            raise ValueError("pretrains a tiny SD: give tiny_sd (a base_model is pretrained already), or set it null")
+        if conditioner is not None and conditioner.clip_dim != tiny.cross_attention_dim:
+            raise ValueError(
+                f"conditions the tiny SD on CLIP embeddings: conditioner.clip_dim ({conditioner.clip_dim}) must equal "
+                f"tiny_sd.cross_attention_dim ({tiny.cross_attention_dim})"
+            )
         return value
 
     @field_validator("encoder")

@@ -69,6 +69,9 @@ def ablation_configs(cfg: DemoConfig) -> dict[str, tuple[FinetuneConfig, Any]]:
     for name, change in ABLATIONS.items():
         slug = name.replace(" ", "-").lower()
         update: dict[str, Any] = {**change, "output": str(out / f"finetune-{slug}")}
+        if cfg.finetune.tiny_sd is not None:  # every variant fine-tunes the same base model, the full run's
+            base = Path(cfg.finetune.output) / finetune.TINY_SD_DIR
+            update.update(base_model=str(base), tiny_sd=None, tiny_sd_pretrain=None)
         if change.get("encoder_checkpoint", "") is None:  # from scratch: the sizes of the pretrained encoder
             update["encoder"] = cfg.pretrain.model
         ft = cfg.finetune.model_copy(update=update)

@@ -18,7 +18,7 @@ from PIL import Image
 from dreamdiff.config import DemoConfig, FinetuneConfig, dump_config
 from dreamdiff.data import synthetic
 from dreamdiff.report import image_grid, loss_curve, metric_curves, write_report
-from dreamdiff.train import finetune_loop, pretrain
+from dreamdiff.train import finetune, finetune_loop, pretrain, tiny_sd_pretrain
 from dreamdiff.tune import sweep
 
 SERVE_DIR = "serve"  # the demo's Serve request and answer, inside the run folder
@@ -116,12 +116,22 @@ def _finetune_section(ft: FinetuneConfig, figures: Path) -> tuple[dict[str, Any]
         "fine-tuning (SD loss + CLIP alignment loss)", "loss",
     )
     metrics = {k: last[k] for k in ("step", "loss", "sd_loss", "clip_loss", "samples_per_s")}
+    text = "Preview: held-out (validation) stimuli, then images generated from the EEG recorded while they were shown."
+    images = [curve, run / "plots" / finetune_loop.PREVIEW_FILE]
+    base = Path(ft.base_model or run / finetune.TINY_SD_DIR)
+    if (base / tiny_sd_pretrain.MARKER_FILE).is_file():
+        done = json.loads((base / tiny_sd_pretrain.MARKER_FILE).read_text())
+        metrics |= {"tiny_sd_pretrain_steps": done["settings"]["steps"], "tiny_sd_pretrain_loss": done["loss"]}
+        text = (
+            "First the tiny SD learned to draw, the stand-in for SD's own pretraining: held-out stimuli, each beside "
+            f"what the base model draws from the stimulus's CLIP embedding alone. Then fine-tuning. {text}"
+        )
+        images.insert(0, base / tiny_sd_pretrain.PREVIEW_FILE)
     section = {
-        "heading": "Fine-tuning (Ray Train): EEG encoder + conditioner + UNet, CLIP alignment",
+        "heading": f"Fine-tuning (Ray Train): EEG encoder + conditioner + UNet ({ft.trainable}), CLIP alignment",
         "table": [metrics],
-        "text": "Preview: held-out (validation) stimuli, then images generated from the EEG recorded while "
-        "they were shown.",
-        "images": [curve, run / "plots" / finetune_loop.PREVIEW_FILE],
+        "text": text,
+        "images": images,
     }
     return metrics, section
 

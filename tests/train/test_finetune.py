@@ -124,16 +124,30 @@ def test_one_worker_learns_and_exports_a_loadable_generator(shards: Path, encode
         shards,
         out,
         encoder_checkpoint=str(encoder_run),
+        tiny_sd={**TINY_SD, "cross_attention_dim": 64},  # the base model's context is the 64-wide CLIP embedding
+        tiny_sd_pretrain={"steps": 6, "batch_size": 8, "log_every_steps": 3},
         trainable="cross_attention",
+        conditioner={"context_dim": 64, "clip_dim": 64},
         epochs=20,
         log_every_steps=5,
         checkpoint={"every_steps": 20},
     )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2022)  # FinetuneConfig's default seed: the random tiny SD the driver builds first
+        random_base = build_tiny_sd(TinyDiffusionConfig(**cfg["tiny_sd"]), tmp_path / "random")
     final = finetune(validate_config("finetune", cfg, "test"))
     lines = _metrics(out)
     assert final["step"] == lines[-1]["step"] == 40  # 16 training rows / 8 per step x 20 epochs
     assert np.mean([m["loss"] for m in lines[-2:]]) < 0.8 * np.mean([m["loss"] for m in lines[:2]]), lines
     assert json.loads((out / PRECOMPUTED_DIR / DONE).read_text())["rows"] == 16
+
+    # the tiny SD learned to draw first (in a Ray task), on the precomputed training rows; fine-tuning used it
+    base = out / "tiny-sd"
+    pretrained = json.loads((base / "pretrained.json").read_text())
+    assert pretrained["rows"] == 16 and [h["step"] for h in pretrained["history"]] == [3, 6]
+    assert (base / "preview.png").stat().st_size > 0
+    trained, random = (load_sd_components(str(f)).unet.state_dict() for f in (base, random_base))
+    assert trained.keys() == random.keys() and any(not torch.equal(v, random[k]) for k, v in trained.items())
 
     # only what was trained: encoder, conditioner, CLIP head and the UNet's cross-attention, plus the spec
     folder = out / GENERATOR_DIR
@@ -193,6 +207,10 @@ def test_bad_input_fails_with_one_line_before_any_work(
     fails("encoder: sizes .* differ from those of the pretrain run", encoder_checkpoint=str(run), encoder=deeper)
     fails("conditioner.context_dim: 64 must equal .* cross_attention_dim \\(32\\)", conditioner={"context_dim": 64})
     fails("conditioner.clip_dim: 768 must equal .* \\(64\\)", conditioner={"context_dim": 32})
+    fails(
+        "tiny_sd_pretrain: .* conditioner.clip_dim \\(64\\) must equal tiny_sd.cross_attention_dim \\(32\\)",
+        tiny_sd_pretrain={},
+    )
     fails("preview.split: no rows of split 'holdout'", preview={"split": "holdout"})
     fails("batch_size: 32 is larger than the 16 rows", batch_size=32)
     fails("clip model 'ViT-Tiny' is unknown", clip_model="ViT-Tiny")

@@ -27,14 +27,15 @@ import yaml
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
 
-from dreamdiff.config import FinetuneConfig, PreviewSection, record_config
+from dreamdiff.config import FinetuneConfig, PreviewSection, TinySDPretrainSection, record_config
 from dreamdiff.data.reader import shard_files
 from dreamdiff.data.schema import PAIRED_COLUMNS
 from dreamdiff.errors import DreamdiffError
-from dreamdiff.models.clip import _check_request, save_random_clip
+from dreamdiff.models.clip import _check_request, load_clip_image_encoder, save_random_clip
 from dreamdiff.models.diffusion import build_tiny_sd
 from dreamdiff.models.eeg_diffusion import ENCODER_PREFIX, GeneratorSpec
 from dreamdiff.models.msm import MSMConfig, MSMEncoder
+from dreamdiff.train import tiny_sd_pretrain
 from dreamdiff.train.finetune_loop import GENERATOR_DIR, steps_per_epoch, train_loop
 from dreamdiff.train.precompute import FrozenModels, decode_images, precompute
 from dreamdiff.train.pretrain import ENCODER_FILE
@@ -241,6 +242,43 @@ def _clip_weights(cfg: FinetuneConfig, output: Path) -> str | None:
     return str(path)
 
 
+def _pretrain_tiny_sd(
+    cfg: FinetuneConfig, folder: Path, files: list[str], clip_weights: str | None, preview: dict[str, Any] | None
+) -> None:
+    """Teach the tiny SD in `folder` to draw (train/tiny_sd_pretrain.py) in one Ray task with a training worker's
+    CPUs, unless it was done for these settings; draws the preview's held-out stimuli from their CLIP embeddings."""
+    import ray
+
+    assert cfg.tiny_sd is not None and cfg.tiny_sd_pretrain is not None  # FinetuneConfig's validator
+    if tiny_sd_pretrain.pretrained_marker(folder, cfg.tiny_sd_pretrain):
+        print(f"finetune: the tiny SD in {folder} was pretrained earlier", flush=True)
+        return
+    print(f"finetune: teaching the tiny SD to draw ({cfg.tiny_sd_pretrain.steps} steps) before fine-tuning", flush=True)
+    task = ray.remote(num_cpus=cfg.scaling.cpus_per_worker)(_pretrain_task)
+    done = ray.get(task.remote(folder, cfg.tiny_sd_pretrain, files, cfg.seed, preview, cfg.clip_model, clip_weights))
+    print(
+        f"finetune: tiny SD pretrained on {done['rows']} rows in {done['seconds']:.0f} s, loss {done['loss']:.4f}; "
+        f"what it draws from held-out CLIP embeddings: {done.get('preview', 'no preview')}",
+        flush=True,
+    )
+
+
+def _pretrain_task(
+    folder: Path,
+    section: TinySDPretrainSection,
+    files: list[str],
+    seed: int,
+    preview: dict[str, Any] | None,
+    clip_model: str,
+    clip_weights: str | None,
+) -> dict[str, Any]:
+    if preview is not None:
+        clip = load_clip_image_encoder(clip_model, clip_weights)
+        images = torch.tensor(preview["image"]).permute(0, 3, 1, 2)  # a copy: Ray's objects are read-only
+        preview = {**preview, "clip_embedding": clip(images)}
+    return tiny_sd_pretrain.pretrain(folder, section, files, seed, preview)
+
+
 def clip_mean(files: list[str]) -> np.ndarray:
     """The mean CLIP image embedding over the precomputed training rows (the centre of the CLIP targets)."""
     column = pq.read_table(files, columns=["clip_embedding"]).column("clip_embedding").combine_chunks()
@@ -275,6 +313,9 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         base_model, cfg.clip_model, clip_weights, shape.image_size, shape.latent_shape, checked["clip_dim"]
     )
     pre = precompute(checked["files"], output / PRECOMPUTED_DIR, models, cfg.train_splits, cfg.precompute)
+    preview = read_preview(checked["files"], cfg.preview, shape.image_size) if cfg.preview.eegs else None
+    if cfg.tiny_sd_pretrain is not None:
+        _pretrain_tiny_sd(cfg, Path(base_model), pre.files, clip_weights, preview)
     dataset = ray.data.read_parquet(pre.files).select_columns(list(TRAIN_COLUMNS))
     dataset = dataset.randomize_block_order(seed=cfg.seed)
     dataset.context.enable_progress_bars = False  # the loop logs its own progress, per step
@@ -301,7 +342,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         "output": str(output),
         "rows": pre.rows,
         "encoder_weights": checked["weights"],
-        "preview": read_preview(checked["files"], cfg.preview, shape.image_size) if cfg.preview.eegs else None,
+        "preview": preview,
         "provenance": provenance,
         "clip_mean": clip_mean(pre.files).tolist() if cfg.conditioner.clip_center else None,
     }
