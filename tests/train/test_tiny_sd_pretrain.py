@@ -80,7 +80,7 @@ def test_the_pretrained_tiny_sd_draws_what_the_clip_embedding_says(tmp_path: Pat
     mean, std = torch.from_numpy(clip.mean(0)), torch.from_numpy(clip.std(0))
     context = tiny_sd_pretrain.clip_context(torch.tensor([[1.0] + [0.0] * 7, [0.0, 1.0] + [0.0] * 6]), mean, std)
     context = context.repeat_interleave(4, dim=0)
-    images = tiny_sd_pretrain.draw(components.unet, components, context, list(range(8)), steps=10).astype(float)
+    images = tiny_sd_pretrain.draw(components, context, list(range(8)), steps=10).astype(float)
     redness = images[..., 0].mean(axis=(1, 2)) - images[..., 2].mean(axis=(1, 2))
     assert redness[:4].min() > 50 and redness[4:].max() < -50, redness
 

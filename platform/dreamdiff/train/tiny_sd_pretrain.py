@@ -92,8 +92,9 @@ def train_unet(
 
 
 @torch.no_grad()
-def draw(unet: UNet2DConditionModel, components: Any, context: Tensor, seeds: list[int], steps: int) -> np.ndarray:
-    """One image per context row (DPM-Solver++), uint8 [B, H, W, 3]."""
+def draw(components: Any, context: Tensor, seeds: list[int], steps: int) -> np.ndarray:
+    """One image per context row from `components.unet` (DPM-Solver++), uint8 [B, H, W, 3]."""
+    unet = components.unet
     scheduler = make_sampler("dpm++", components.noise_scheduler.config)
     scheduler.set_timesteps(steps)
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
@@ -164,7 +165,7 @@ def pretrain(
     if preview is not None:
         components.unet = unet
         context = clip_context(torch.as_tensor(preview["clip_embedding"]).float(), mean, std)
-        drawn = draw(unet, components, context, list(range(len(context))), steps=20)
+        drawn = draw(components, context, list(range(len(context))), steps=20)
         from dreamdiff.report import image_grid
 
         pairs = [image for pair in zip(preview["image"], drawn, strict=True) for image in pair]
