@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -138,3 +139,27 @@ def test_rerun_resumes_and_skips_finished_stages(quick_demo: Path, capsys: pytes
     capsys.readouterr()
     assert main(["demo", "--quick", "--out", str(quick_demo), f"serve.port={PORT}"]) == 0
     assert capsys.readouterr().out.count("done in an earlier run, skipped") == len(STAGES)
+
+
+@pytest.mark.slow
+def test_demo_benchmark_sets_the_run_against_its_target(quick_demo: Path) -> None:
+    """benchmarks/demo.py's reading of a finished run and of the machine's CPU counters (its own run of the demo
+    is the README's command in a subprocess)."""
+    spec = importlib.util.spec_from_file_location("bench_demo", ROOT / "benchmarks" / "demo.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    busy0, idle0 = bench.cpu_seconds()
+    sum(i * i for i in range(2_000_000))  # some CPU work between the two readings
+    busy1, idle1 = bench.cpu_seconds()
+    assert busy1 > busy0 and idle1 >= idle0
+
+    rows, summary = bench.summarise(quick_demo, "quick", wall_s=300.0, busy_s=480.0, idle_s=120.0, cores=2)
+    stages = json.loads((quick_demo / "stages.json").read_text())
+    assert [(r["stage"], r["seconds"]) for r in rows] == [(k, v["seconds"]) for k, v in stages.items()]
+    assert summary["stages_s"] == pytest.approx(sum(v["seconds"] for v in stages.values()), abs=0.1)
+    assert summary["target_s"] == 180 and summary["ratio_to_target"] == pytest.approx(300 / 180, abs=1e-3)
+    assert summary["cpu_floor_s"] == 240 and summary["floor_to_target"] == pytest.approx(240 / 180, abs=1e-3)
+    assert summary["busy_fraction"] == 0.8
+    top1 = json.loads((quick_demo / "metrics.json").read_text())["evaluate"]["metrics"]["n_way_top_1"]
+    assert (summary["n_way_top_1"], summary["chance"], summary["num_eeg"]) == (top1["value"], top1["chance"], 60)
