@@ -39,6 +39,16 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def _worker_window(taken: list[int], width: int = 100) -> int:
+    """The first of `width` worker ports of this head's own, clear of the `taken` ports: from 20,000 to 31,999,
+    below Linux's ephemeral range (32,768 on) where `_free_ports` found them and above the session Ray's worker
+    ports (to 19,999), moved on while it overlaps one of them."""
+    low = 20000 + (taken[0] % 120) * width
+    while any(low <= port < low + width for port in taken):
+        low += width
+    return low
+
+
 class Head:
     """A `ray start --head --block` process group with token auth; `env` is what its clients need."""
 
@@ -52,9 +62,10 @@ class Head:
         ).stdout.strip()
         assert len(token) >= 32 and (root / "home" / ".ray" / "auth_token").read_text().strip() == token
         self.bearer = f"Bearer {token}"
-        gcs, dashboard, client, node, objects, agent, agent_grpc, runtime_env, metrics = _free_ports(9)
+        ports = _free_ports(9)
+        gcs, dashboard, client, node, objects, agent, agent_grpc, runtime_env, metrics = ports
         self.dashboard = f"http://127.0.0.1:{dashboard}"
-        worker_low = 20000 + (gcs % 200) * 100  # 100 worker ports of this head's own
+        worker_low = _worker_window(ports)
         self.log = open(root / "head.log", "w")  # closed in stop()
         self.process = subprocess.Popen(
             ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=4",
