@@ -89,9 +89,8 @@ def run_demo(out: Path, mode: str, overrides: list[str]) -> tuple[float, float, 
     if (out / "run").exists():  # a re-run resumes: it would time skipped stages
         raise SystemExit(f"{out / 'run'} exists: a benchmark needs a fresh run folder")
     out.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "dreamdiff.cli", "demo", "--out", str(out / "run"), *overrides]
-    if mode == "quick":
-        command.insert(4, "--quick")
+    quick = ["--quick"] if mode == "quick" else []
+    command = [sys.executable, "-m", "dreamdiff.cli", "demo", *quick, "--out", str(out / "run"), *overrides]
     busy0, idle0 = cpu_seconds()
     tick = time.perf_counter()
     with open(out / "benchmark.log", "w") as log:
