@@ -43,7 +43,7 @@ def test_local_writes_are_atomic_and_listed(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["b", "part.parquet"]  # no temporary files left
     assert storage.find(f"file://{tmp_path}", "x.json") == [str(tmp_path / "a" / "b" / "x.json")]
     with pytest.raises(ZeroDivisionError):  # a writer that dies leaves neither the file nor its temporary
-        storage._atomic_local(str(tmp_path / "c.bin"), lambda tmp: 1 / 0)
+        storage.atomic_write(str(tmp_path / "c.bin"), lambda tmp: 1 / 0)
     assert not any(p.name.startswith(".c.bin") or p.name == "c.bin" for p in tmp_path.iterdir())
 
 

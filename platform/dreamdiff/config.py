@@ -31,9 +31,9 @@ from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.conditioner import ConditionerConfig
 from dreamdiff.models.diffusion_config import TinyDiffusionConfig
 from dreamdiff.models.msm import MSMConfig
+from dreamdiff.models.sampling import COMPILE_SAMPLING_HELP, Compile, Sampler
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-Sampler = Literal["dpm++", "ddim", "plms"]  # DPM-Solver++ (fast), DDIM, PLMS (the paper's)
 
 
 class ConfigError(DreamdiffError):
@@ -232,27 +232,6 @@ class PreviewSection(StrictModel):
     eegs: int = Field(default=4, ge=0, description="EEGs shown, distinct classes first; 0 = no preview")
     images_per_eeg: int = Field(default=3, ge=1)
     steps: int = Field(default=20, ge=1, description="DPM-Solver++ steps (the paper samples PLMS x 250)")
-
-
-def _compile_setting(value: object) -> object:
-    if isinstance(value, bool) or value == "reduce-overhead":
-        return value
-    raise ValueError("expected false, true or reduce-overhead")
-
-
-Compile = Annotated[bool | Literal["reduce-overhead"], BeforeValidator(_compile_setting)]
-"""A stage's `compile`: false (eager), true (torch.compile: fused kernels) or "reduce-overhead" (compiled and
-replayed as CUDA graphs, which removes the host's kernel launches; GPU only, the fastest there)."""
-
-_COMPILE_SAMPLING = (
-    "torch.compile the UNet and VAE decoder (true, or reduce-overhead: + CUDA graphs). On H200s, 5 images per EEG: "
-    "1.05 s eager, 0.72 s true, 0.40 s reduce-overhead, after about 1.5 min of compiling per new batch shape"
-)
-
-
-def torch_compile_mode(setting: Compile) -> str | None:
-    """torch.compile's `mode` for a true `compile` setting: None (its default) for true, else the setting."""
-    return None if setting is True else str(setting)
 
 
 class TinySDPretrainSection(StrictModel):
@@ -532,7 +511,7 @@ class ServeConfig(StrictModel):
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per generator replica; 0 runs it on CPU")
     num_cpus: float = Field(default=1.0, ge=0, description="CPUs per generator replica")
     precision: Literal["fp32", "bf16"] = Field(default="bf16", description="bf16 weights on GPU; CPU runs fp32")
-    compile: Compile = Field(default=False, description=_COMPILE_SAMPLING)
+    compile: Compile = Field(default=False, description=COMPILE_SAMPLING_HELP)
     ingress_replicas: int = Field(default=1, ge=1)
     ingress_num_cpus: float = Field(default=0.5, ge=0)
     ingress_max_ongoing_requests: int = Field(
@@ -576,7 +555,7 @@ class GenerateConfig(StrictModel):
     steps: int = Field(default=25, ge=1)
     guidance_scale: float = Field(default=1.0, ge=0, description="1.0 = no classifier-free guidance (paper)")
     precision: Literal["fp32", "bf16"] = Field(default="bf16", description="bf16 weights on GPU; CPU runs fp32")
-    compile: Compile = Field(default=False, description=_COMPILE_SAMPLING)
+    compile: Compile = Field(default=False, description=COMPILE_SAMPLING_HELP)
     splits: list[str] | None = Field(
         default=None, min_length=1, description="paired-shard splits to generate for, e.g. [test]; null = every row"
     )
@@ -640,7 +619,7 @@ class EvaluateConfig(StrictModel):
     batch_size: int = Field(default=8, ge=1, description="EEGs per generation call; images per classifier / CLIP call")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = Field(default="bf16", description="bf16 weights on GPU; CPU runs fp32")
-    compile: Compile = Field(default=False, description=_COMPILE_SAMPLING)
+    compile: Compile = Field(default=False, description=COMPILE_SAMPLING_HELP)
     report_eegs: int = Field(default=8, ge=1, description="EEGs shown in the report's image grid")
     seed: int = Field(default=0, ge=0, description="sampling noise, trial draws and the max_eeg subset")
 

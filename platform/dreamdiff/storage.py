@@ -15,6 +15,8 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -133,17 +135,17 @@ def remove_tree(location: str | Path) -> None:
         fs.delete_dir(path)
 
 
-def _atomic_local(path: str, write: Any) -> None:
-    """Call write(tmp_path), then rename the finished file over `path` (same folder, same filesystem)."""
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
+    """Call write(tmp_path), then rename the finished file over the local `path` (same folder, same filesystem):
+    a killed writer never leaves a partial file under the real name."""
     folder = Path(path).parent
     folder.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=folder)
-    os.close(handle)
+    tmp = folder / f".{Path(path).name}.{uuid.uuid4().hex[:12]}.tmp"  # created by `write`: the usual permissions
     try:
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -158,7 +160,7 @@ def write_bytes(location: str | Path, data: bytes) -> None:
     """Write a whole file atomically."""
     fs, path = resolve(location)
     if isinstance(fs, pafs.LocalFileSystem):
-        _atomic_local(path, lambda tmp: Path(tmp).write_bytes(data))
+        atomic_write(path, lambda tmp: tmp.write_bytes(data))
         return
     _parent_dirs(fs, path)
     with fs.open_output_stream(path) as f:  # an object is visible only once its upload completes
@@ -173,7 +175,7 @@ def write_parquet(table: pa.Table, location: str | Path, **options: Any) -> int:
     """Write `table` as one Parquet file, atomically; returns its size in bytes."""
     fs, path = resolve(location)
     if isinstance(fs, pafs.LocalFileSystem):
-        _atomic_local(path, lambda tmp: pq.write_table(table, tmp, **options))
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp, **options))
     else:
         _parent_dirs(fs, path)
         pq.write_table(table, path, filesystem=fs, **options)

@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import Tensor, nn
 
-from dreamdiff.config import EvaluateConfig, read_yaml, record_config, torch_compile_mode, validate_config
+from dreamdiff.config import EvaluateConfig, read_yaml, record_config, validate_config
+from dreamdiff.models.sampling import torch_compile_mode
 from dreamdiff.data.synthetic import SynthConfig, render_image
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.eval import metrics

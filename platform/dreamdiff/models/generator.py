@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -28,21 +26,15 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from dreamdiff.config import Sampler
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.diffusion import SDComponents, compile_sd, decode_latents, load_sd_components
 from dreamdiff.models.eeg_diffusion import EEGDiffusion, GeneratorSpec, build_eeg_diffusion
+from dreamdiff.models.sampling import Sampler
+from dreamdiff.storage import atomic_write
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "generator.safetensors"
 SPEC_FILE = "generator.json"
-
-
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write to a temporary name, then rename: a crash never leaves a half-written file under the real name."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def model_id(checkpoint: str | Path) -> str:
@@ -81,8 +73,8 @@ def save_generator(model: EEGDiffusion, spec: GeneratorSpec, folder: str | Path,
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / SPEC_FILE).unlink(missing_ok=True)  # an old spec must never describe new weights
-    _atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(folder / SPEC_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))  # last: marks complete
+    atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(folder / SPEC_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))  # last: marks complete
     return folder
 
 

@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dreamdiff.config import Sampler, ServeConfig
+from dreamdiff.config import ServeConfig
 from dreamdiff.data.signal import SignalError, crop_and_interpolate, normalise, resample, tile_channels, window
 from dreamdiff.errors import DreamdiffError
+from dreamdiff.models.sampling import Sampler
 
 API_VERSION = "v1"
 NPY_TYPES = ("application/x-npy", "application/octet-stream")

@@ -27,10 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,12 +39,14 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from dreamdiff.config import Compile, GenerateConfig, Sampler, dump_config, torch_compile_mode
+from dreamdiff.config import GenerateConfig, dump_config
 from dreamdiff.data.schema import EPOCH_COLUMNS
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.eval.evaluate import eeg_seed, png_name
 from dreamdiff.models.eeg_diffusion import GeneratorSpec
 from dreamdiff.models.generator import SPEC_FILE, WEIGHTS_FILE, Generator, inference_dtype, model_id
+from dreamdiff.models.sampling import Compile, Sampler, torch_compile_mode
+from dreamdiff.storage import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,6 @@ class Job:
     compile: Compile
 
 
-def _atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Write under `<name>.tmp`, then rename: a killed writer never leaves a partial file under the real name."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def image_path(dataset: str, subject: int, epoch_id: str, sample: int) -> str:
     """Where image `sample` of an EEG goes, relative to the output folder (one folder per dataset and subject)."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", dataset).strip("._")[:60] or "dataset"
@@ -135,7 +128,7 @@ class GenerateActor:
             names = [image_path(batch["dataset"][k], batch["subject"][k], eid, j) for j in range(job.num_images)]
             for name, pixels in zip(names, images[k], strict=True):
                 (self.output / name).parent.mkdir(parents=True, exist_ok=True)
-                _atomic(self.output / name, lambda p, x=pixels: Image.fromarray(x).save(p, format="PNG"))
+                atomic_write(self.output / name, lambda p, x=pixels: Image.fromarray(x).save(p, format="PNG"))
             paths.append(names)
         n = len(ids)
         columns = {name: batch[name] for name in READ_COLUMNS if name not in ("eeg", "channel_mask")}
@@ -153,7 +146,7 @@ class GenerateActor:
         table = pa.Table.from_pydict({f.name: pa.array(columns[f.name], f.type) for f in INDEX_SCHEMA}, INDEX_SCHEMA)
         key = hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16]
         part = self.output / PARTS_DIR / f"part-{key}.parquet"
-        _atomic(part, lambda p: pq.write_table(table, p))  # last: marks these EEGs done
+        atomic_write(part, lambda p: pq.write_table(table, p))  # last: marks these EEGs done
         return {"epoch_id": np.asarray(ids), "seconds": np.full(n, (time.perf_counter() - began) / n)}
 
 
@@ -237,8 +230,8 @@ def _claim_output(cfg: GenerateConfig, settings: dict[str, Any]) -> Path:
             )
     (output / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     (output / IMAGES_DIR).mkdir(exist_ok=True)
-    _atomic(record, lambda p: p.write_text(json.dumps(settings, indent=1)))
-    _atomic(output / "config.yaml", lambda p: p.write_text(dump_config(cfg)))
+    atomic_write(record, lambda p: p.write_text(json.dumps(settings, indent=1)))
+    atomic_write(output / "config.yaml", lambda p: p.write_text(dump_config(cfg)))
     return output
 
 
@@ -264,8 +257,8 @@ def _write_index(output: Path, parts: pa.Table) -> pa.Table:
     of a killed run finished its batch after the re-run read the index; both rows name the same files."""
     first = {eid: i for i, eid in reversed(list(enumerate(parts.column("epoch_id").to_pylist())))}
     index = parts.take(sorted(first.values())).sort_by("epoch_id")
-    _atomic(output / INDEX_FILES[0], lambda p: pq.write_table(index, p))
-    _atomic(output / INDEX_FILES[1], lambda p: p.write_text(json.dumps(index.to_pylist(), indent=1)))
+    atomic_write(output / INDEX_FILES[0], lambda p: pq.write_table(index, p))
+    atomic_write(output / INDEX_FILES[1], lambda p: p.write_text(json.dumps(index.to_pylist(), indent=1)))
     return index
 
 

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from dreamdiff.config import ServeConfig, torch_compile_mode
+from dreamdiff.config import ServeConfig
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.generator import SPEC_FILE, Generator, inference_dtype, model_id
+from dreamdiff.models.sampling import torch_compile_mode
 from dreamdiff.serve.api import GenerationItem, ModelInfo, ModelRef, ModelShape
 
 log = logging.getLogger(__name__)

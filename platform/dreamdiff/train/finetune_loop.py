@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from dreamdiff.config import FinetuneConfig, torch_compile_mode
+from dreamdiff.config import FinetuneConfig
 from dreamdiff.data.augment import augment_eeg
 from dreamdiff.models.diffusion import load_sd_components
 from dreamdiff.models.eeg_diffusion import GeneratorSpec, build_eeg_diffusion, compile_for_training
 from dreamdiff.models.generator import Generator, save_generator
+from dreamdiff.models.sampling import torch_compile_mode
 from dreamdiff.train.batches import ResumableBatches
 from dreamdiff.train.checkpoint import load_training_state, unwrap
 from dreamdiff.train.finetune_step import build_finetune_optimizer, finetune_train_step
