@@ -3,7 +3,7 @@
 Two modes measure the same batched generator path:
 
 - `--mode http` (default): a real local Ray Serve app (HTTP proxy on 127.0.0.1, a free port) of the serve config,
-  driven by N requests with C in flight through the Python client (`dreamdiff.serve.load.run_load`): HTTP, the
+  driven by N requests with C in flight through the Python client (`serve_load.run_load`): HTTP, the
   ingress's checks, `@serve.batch` and the generator replica.
 - `--mode inprocess`: no Ray at all, for the GPU benchmark machine, which has none installed. C client tasks
   each parse and harmonise a .npy request with the ingress's functions (`dreamdiff.serve.api`) and hand it to
@@ -38,6 +38,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+from serve_load import latency_stats, run_load
 
 from dreamdiff.config import ServeConfig, apply_overrides, read_yaml, resolve_config_path, validate_config
 from dreamdiff.models.conditioner import ConditionerConfig
@@ -48,7 +49,6 @@ from dreamdiff.models.generator import save_generator
 from dreamdiff.models.msm import MSMConfig
 from dreamdiff.serve.api import GenerationItem, parse_npy, resolve
 from dreamdiff.serve.engine import GenerationEngine
-from dreamdiff.serve.load import latency_stats
 
 SHAPES: dict[str, tuple[TinyDiffusionConfig, MSMConfig, ConditionerConfig]] = {
     "tiny": (
@@ -167,7 +167,6 @@ def run_http(cfg: ServeConfig, eeg: np.ndarray, requests: int, concurrency: int)
     from ray import serve
 
     from dreamdiff.serve.client import ServeClient
-    from dreamdiff.serve.load import run_load
     from dreamdiff.serve.runner import start
 
     with socket.socket() as s:

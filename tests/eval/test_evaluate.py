@@ -26,15 +26,11 @@ from dreamdiff.data.reader import shard_files
 from dreamdiff.data.synthetic import SynthConfig
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.eval.classifier import load_classifier, save_classifier, train_synthetic_classifier
-from dreamdiff.eval.evaluate import (
-    GenerationBatch,
-    eeg_image_retrieval,
-    evaluate_images,
-    png_name,
-    read_paired_meta,
-    run,
-)
+from dreamdiff.eval.evaluate import run
+from dreamdiff.eval.scoring import eeg_image_retrieval, evaluate_images
+from dreamdiff.eval.shards import read_paired_meta
 from dreamdiff.eval.splits import by_block, by_image, leave_subject_out, split_rows
+from dreamdiff.generation import GenerationBatch, png_name
 from dreamdiff.models.clip import load_clip_image_encoder, save_random_clip
 from dreamdiff.models.conditioner import ConditionerConfig
 from dreamdiff.models.diffusion import build_tiny_sd, load_sd_components

@@ -4,6 +4,7 @@ auth, limits, a bounded fuzz and load test, the client and `dreamdiff request`."
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import json
 import time
@@ -21,9 +22,18 @@ from dreamdiff.cli import main
 from dreamdiff.config import ServeConfig
 from dreamdiff.serve.api import GenerateResponse
 from dreamdiff.serve.client import ServeClient, ServeError
-from dreamdiff.serve.load import run_load
 
 MakeEEG = Callable[..., np.ndarray]
+_SERVE_LOAD = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_load.py"
+
+
+def run_load(client: ServeClient, eeg: np.ndarray, **kwargs: Any) -> dict[str, Any]:
+    """benchmarks/serve_load.py's load test (benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("serve_load", _SERVE_LOAD)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.run_load(client, eeg, **kwargs)
 
 
 def _auth(token: str) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """Batch generation on Ray Data: every EEG's images once, batching-independent seeds, resume after a kill.
 
 Shards are written here straight through the schema module (two paired subjects, one EEG-only), with a done-marker
-per subject as preprocess writes them; the generator is a tiny untrained one saved as a real checkpoint.
+per subject as preprocess writes them; the generator is the session's tiny untrained checkpoint (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -19,20 +19,14 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 import yaml
 from PIL import Image
 
 from dreamdiff.cli import main
 from dreamdiff.config import GenerateConfig
 from dreamdiff.data.schema import DONE, epoch_schema, paired_schema, to_table
-from dreamdiff.eval.evaluate import eeg_seed
-from dreamdiff.models.conditioner import ConditionerConfig
-from dreamdiff.models.diffusion import build_tiny_sd, load_sd_components
-from dreamdiff.models.diffusion_config import TinyDiffusionConfig
-from dreamdiff.models.eeg_diffusion import GeneratorSpec, build_eeg_diffusion
-from dreamdiff.models.generator import Generator, save_generator
-from dreamdiff.models.msm import MSMConfig
+from dreamdiff.generation import eeg_seed
+from dreamdiff.models.generator import Generator
 from dreamdiff.serve.batch import run
 
 # diffusers 0.42's DPMSolverMultistepScheduler calls np.array on a torch tensor, which numpy 2 flags
@@ -73,7 +67,7 @@ def _epoch_columns(dataset: str, subject: int, n: int, rng: np.random.Generator)
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def world(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("batch")
     rng = np.random.default_rng(0)
     eeg: dict[str, np.ndarray] = {}
@@ -93,21 +87,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     _write_subject(root / "shards" / "epochs" / "subject-3", columns, paired=False)
     eeg.update(zip(columns["epoch_id"], columns["eeg"], strict=True))
 
-    torch.manual_seed(0)
-    sd = build_tiny_sd(
-        TinyDiffusionConfig(
-            sample_size=8, block_out_channels=[32, 32], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"]
-        ),
-        root / "tiny-sd",
-    )
-    spec = GeneratorSpec(
-        base_model=str(sd),
-        msm=MSMConfig(preset="tiny"),
-        conditioner=ConditionerConfig(context_dim=64, clip_dim=32),
-        image_size=8,
-    )
-    save_generator(build_eeg_diffusion(spec, load_sd_components(str(sd))), spec, root / "generator")
-    return {"root": root, "shards": root / "shards", "generator": root / "generator", "eeg": eeg}
+    return {"root": root, "shards": root / "shards", "generator": tiny_checkpoint, "eeg": eeg}
 
 
 def _config(world: dict[str, Any], output: str, **kw: Any) -> dict[str, Any]:
@@ -246,7 +226,7 @@ def _wait_until_quiet(folder: Path, quiet_s: float = 1.5, limit_s: float = 30) -
         (["batchsize=4"], "batchsize: unknown key"),
         (["checkpoint={root}/nothing"], "checkpoint: {root}/nothing must be a generator folder"),
         (["input={root}/nothing"], "input: no such shard folder"),
-        (["input={root}/generator"], "input: {root}/generator holds no finished shards"),
+        (["input={generator}"], "input: {generator} holds no finished shards"),
         (["splits=[holdout]"], "splits: no rows of ['holdout']"),
         (["input={root}/shards/epochs"], "splits: {root}/shards/epochs holds no paired shards"),
         (["guidance_scale=3"], "guidance_scale: 3.0 needs a generator fine-tuned with condition dropout"),
@@ -257,10 +237,10 @@ def test_bad_fields_are_named_before_any_work(
 ) -> None:
     path = tmp_path / "gen.yaml"
     path.write_text(yaml.safe_dump(_config(world, "never")))
-    root = str(world["root"])
-    assert main(["generate", "--config", str(path), *(o.format(root=root) for o in overrides)]) == 2
+    folders = {"root": str(world["root"]), "generator": str(world["generator"])}
+    assert main(["generate", "--config", str(path), *(o.format(**folders) for o in overrides)]) == 2
     err = capsys.readouterr().err
-    assert expected.format(root=root) in err and len(err.strip().splitlines()) == 1
+    assert expected.format(**folders) in err and len(err.strip().splitlines()) == 1
     assert not (world["root"] / "never").exists()
 
 

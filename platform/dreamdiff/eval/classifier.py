@@ -180,7 +180,7 @@ def train_synthetic_classifier(
 
     AdamW, one-cycle schedule (15 % warm-up, cosine decay), label smoothing 0.1, augmentation as in
     :func:`_augment`; CPU, deterministic in ``seed`` (the global RNG is left as it was). The train split
-    alone suffices: 10 classes x 16 train images at 16 px reach 100 % held-out in ~4 CPU s.
+    alone suffices: the synthetic classes are separable from their few training images.
     """
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"need epochs >= 1, batch_size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")

@@ -180,7 +180,7 @@ class Generator:
 
     def compile(self, mode: str | None = None) -> Generator:
         """torch.compile the UNet and VAE decoder (`compile_sd`, torch.compile's `mode`): the first `generate` of
-        each new batch shape compiles (1.5 min for SD 1.5 on an H200). Returns self."""
+        each new batch shape compiles, so callers warm up on the shapes they will serve. Returns self."""
         compile_sd(self.components, mode)
         return self
 

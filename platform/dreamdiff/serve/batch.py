@@ -17,8 +17,9 @@ Resume: every file is written under a `.tmp` name and renamed, so a killed run l
 are gone is dropped and its EEGs redone); a re-run generates the others under the same names, so nothing is
 duplicated. PNGs no part lists (a batch killed before its part) are removed after a complete run.
 
-Seeds: EEG e samples from ``eeg_seed(seed, epoch_id)`` (the evaluate stage's), image j as the Generator documents,
-so an image depends on the EEG id, the seed and the sampling settings only: not on batching, actors or resumes.
+Each actor samples through :func:`dreamdiff.generation.generate`, the path the evaluate stage uses: EEG e samples from
+``eeg_seed(seed, epoch_id)``, image j as the Generator documents, so an image depends on the EEG id, the seed and
+the sampling settings only: not on batching, actors or resumes.
 The output folder must be one every actor's node can write (a shared filesystem on a cluster).
 """
 
@@ -42,10 +43,10 @@ from PIL import Image
 from dreamdiff.config import GenerateConfig, dump_config
 from dreamdiff.data.schema import EPOCH_COLUMNS
 from dreamdiff.errors import DreamdiffError
-from dreamdiff.eval.evaluate import eeg_seed, png_name
+from dreamdiff.generation import Sampling, generate, generator_source
 from dreamdiff.models.eeg_diffusion import GeneratorSpec
 from dreamdiff.models.generator import SPEC_FILE, WEIGHTS_FILE, Generator, inference_dtype, model_id
-from dreamdiff.models.sampling import Compile, Sampler, torch_compile_mode
+from dreamdiff.models.sampling import Compile, torch_compile_mode
 from dreamdiff.storage import atomic_write
 
 log = logging.getLogger(__name__)
@@ -83,20 +84,16 @@ class Job:
     checkpoint: str
     output: str
     model: str  # model id (see model_id)
-    num_images: int
-    seed: int
-    sampler: Sampler
-    steps: int
-    guidance_scale: float
+    sampling: Sampling
     use_gpu: bool
     precision: Literal["fp32", "bf16"]
     compile: Compile
 
 
-def image_path(dataset: str, subject: int, epoch_id: str, sample: int) -> str:
-    """Where image `sample` of an EEG goes, relative to the output folder (one folder per dataset and subject)."""
+def image_folder(dataset: str, subject: int) -> str:
+    """Where the images of a subject's EEGs go, relative to the output folder (one folder per dataset and subject)."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", dataset).strip("._")[:60] or "dataset"
-    return f"{IMAGES_DIR}/{safe}/subject-{int(subject)}/{png_name(epoch_id, sample)}"
+    return f"{IMAGES_DIR}/{safe}/subject-{int(subject)}"
 
 
 class GenerateActor:
@@ -108,26 +105,18 @@ class GenerateActor:
         self.generator = Generator.load(job.checkpoint, device, dtype=inference_dtype(device, job.precision))
         if job.compile:
             self.generator.compile(torch_compile_mode(job.compile))
+        self.source = generator_source(self.generator, job.sampling)
         self.output = Path(job.output)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        job, began = self.job, time.perf_counter()
-        ids = [str(e) for e in batch["epoch_id"]]
-        seeds = [eeg_seed(job.seed, e) for e in ids]
-        images = self.generator.generate(
-            batch["eeg"].astype(np.float32),
-            job.num_images,
-            job.steps,
-            job.sampler,
-            job.guidance_scale,
-            seeds,
-            batch["channel_mask"].astype(bool),
-        )
-        paths = []
-        for k, eid in enumerate(ids):
-            names = [image_path(batch["dataset"][k], batch["subject"][k], eid, j) for j in range(job.num_images)]
-            for name, pixels in zip(names, images[k], strict=True):
-                (self.output / name).parent.mkdir(parents=True, exist_ok=True)
+        job, sampling, began = self.job, self.job.sampling, time.perf_counter()
+        made = generate(self.source, batch["eeg"], batch["channel_mask"], batch["epoch_id"], sampling)
+        ids, paths = made.batch.epoch_ids, []
+        for k in range(len(ids)):
+            folder = image_folder(batch["dataset"][k], batch["subject"][k])
+            (self.output / folder).mkdir(parents=True, exist_ok=True)
+            names = [f"{folder}/{name}" for name in made.names[k]]
+            for name, pixels in zip(names, made.images[k], strict=True):
                 atomic_write(self.output / name, lambda p, x=pixels: Image.fromarray(x).save(p, format="PNG"))
             paths.append(names)
         n = len(ids)
@@ -137,10 +126,10 @@ class GenerateActor:
         columns.update(
             epoch_id=ids,
             images=paths,
-            seed=seeds,
-            sampler=[job.sampler] * n,
-            steps=[job.steps] * n,
-            guidance_scale=[job.guidance_scale] * n,
+            seed=made.batch.seeds,
+            sampler=[sampling.sampler] * n,
+            steps=[sampling.steps] * n,
+            guidance_scale=[sampling.guidance_scale] * n,
             model=[job.model] * n,
         )
         table = pa.Table.from_pydict({f.name: pa.array(columns[f.name], f.type) for f in INDEX_SCHEMA}, INDEX_SCHEMA)
@@ -329,8 +318,10 @@ def _generate(cfg: GenerateConfig, model: str, files: list[str], paired: bool, t
         checkpoint=str(Path(cfg.checkpoint).resolve()),
         output=str(Path(cfg.output).resolve()),
         model=model,
+        sampling=Sampling(**cfg.model_dump(include={"num_images", "seed", "sampler", "steps", "guidance_scale"})),
         use_gpu=cfg.num_gpus > 0,
-        **cfg.model_dump(include={"num_images", "seed", "sampler", "steps", "guidance_scale", "precision", "compile"}),
+        precision=cfg.precision,
+        compile=cfg.compile,
     )
     dataset = (
         ray.data.read_parquet(files)

@@ -1,7 +1,7 @@
 """A bounded load test of a running endpoint: N requests, C at a time, latency percentiles and throughput.
 
-Used by benchmarks/serve.py and the tests. Every request is the same EEG with its own seed; a request that
-fails (an error answer or no answer) counts as an error, and its latency is left out of the percentiles.
+Used by benchmarks/serve.py and the endpoint's tests. Every request is the same EEG with its own seed; a request
+that fails (an error answer or no answer) counts as an error, and its latency is left out of the percentiles.
 """
 
 from __future__ import annotations
