@@ -3,10 +3,11 @@
 SD 1.5 UNet with the paper's trainable set (attn2 + norm2), the MSM large encoder, conditioner and CLIP head,
 at 512 px (64 x 64 latents), random weights. The VAE and CLIP latents/embeddings are precomputed in our stage,
 so a step here is what a worker runs: encoder + UNet forward/backward and AdamW. Prints one JSON line per
-measurement with samples/s, peak GPU memory and the ratio to BENCHMARKS.md's reference row (H200).
+measurement with samples/s, peak GPU memory and the ratio to the reference implementation's row for the same
+shape (docs/reference-figures.md; measured on an H200).
 
     python benchmarks/finetune.py --tiny          # CPU smoke test (tiny UNet, batch 4)
-    python benchmarks/finetune.py --suite gpu     # batch 8, fp32 and bf16 (BENCHMARKS.md)
+    python benchmarks/finetune.py --suite gpu     # batch 8, fp32 and bf16 (the reference's shape)
     python benchmarks/finetune.py --compile       # bf16 as `compile: true` (UNet and encoder blocks compiled)
     python benchmarks/finetune.py --compile reduce-overhead   # as `compile: reduce-overhead` (+ CUDA graphs)
 """

@@ -2,7 +2,7 @@
 
 SD 1.5 UNet + VAE + the MSM large encoder and conditioner at 512 px, random weights, no guidance. Prints one JSON
 line per setting: seconds per EEG (mean of `--repeats` after a warm-up), images/s, peak GPU memory and the
-ratio to BENCHMARKS.md's reference (fp32 PLMS 250 steps: 39.4 s + 0.46 s VAE decode per EEG on an H200).
+ratio to the reference implementation's setting (fp32, PLMS 250 steps, on an H200: docs/reference-figures.md).
 
     python benchmarks/generate.py --tiny              # CPU smoke test (tiny models, 16 px, 4 steps)
     python benchmarks/generate.py --suite gpu         # reference setting, then ours (bf16 weights, DPM++ 25)
@@ -56,7 +56,7 @@ def measure(
 ) -> dict[str, Any]:
     device = generator.device
     eeg = torch.randn(1, 128, 512)
-    # warm-up (kernels, allocator, compile): a few steps do it; 250 reference steps would add 40 s
+    # warm-up (kernels, allocator, compile): a few steps do it; 250 reference steps would add a whole generation
     start = time.perf_counter()
     generator.generate(eeg, num_images=images, steps=min(steps, 5), sampler=sampler, seed=0)
     synchronize(device)

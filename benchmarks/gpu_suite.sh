@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU benchmark at the BENCHMARKS.md shapes (random weights, no Ray), one JSON line per measurement.
+# Every GPU benchmark at the reference shapes (docs/reference-figures.md; random weights, no Ray), one JSON line
+# per measurement.
 #   benchmarks/gpu_suite.sh [OUT_DIR]     -> OUT_DIR/gpu_suite.jsonl and one log per benchmark
 # Each benchmark has its own time limit, so one that hangs costs its limit, not the whole suite.
 set -u

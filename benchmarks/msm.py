@@ -1,11 +1,11 @@
 """Throughput of the MSM pretraining step (the same `msm_train_step` the trainer runs), no Ray.
 
 Prints one JSON line per measurement: samples/s, MFU (matmul FLOPs against 989 TFLOP/s dense bf16,
-H100/H200; null off-GPU), peak GPU memory, and ratios to the DreamDiffusion reference figures of
-BENCHMARKS.md for the same model and batch (measured on an H200: compare only on that card).
+H100/H200; null off-GPU), peak GPU memory, and ratios to the DreamDiffusion reference implementation's figures
+for the same model and batch (docs/reference-figures.md; measured on an H200: compare only on that card).
 
     python benchmarks/msm.py --tiny                     # CPU smoke test
-    python benchmarks/msm.py --suite gpu                # the BENCHMARKS.md shapes
+    python benchmarks/msm.py --suite gpu                # the reference shapes
     python benchmarks/msm.py --preset large --mlp-ratio 1.0 --batch 512 --precision bf16
 """
 
@@ -24,7 +24,7 @@ from dreamdiff.train.optim import build_optimizer
 
 PEAK_FLOPS = 989e12  # H100/H200 SXM, dense bf16
 REFERENCE_DEVICE = "NVIDIA H200"
-# BENCHMARKS.md, reference implementation: 1024 x 24 encoder, 512 x 8 decoder, 128 ch x 512, patch 4,
+# docs/reference-figures.md, reference implementation: 1024 x 24 encoder, 512 x 8 decoder, 128 ch x 512, patch 4,
 # mask 0.75. (mlp_ratio, batch, precision) -> samples/s.
 REFERENCE_ROWS = {
     (1.0, 100, "fp32"): 762.0,
@@ -39,7 +39,7 @@ GPU_SUITE = [(mlp, batch, prec) for mlp in (4.0, 1.0) for batch in (100, 512) fo
 
 
 def reference_samples_per_s(cfg: MSMConfig, batch: int, precision: str) -> float | None:
-    """The BENCHMARKS.md figure for this shape and precision, or None where the table has no row."""
+    """The reference figure for this shape and precision, or None where the table has no row."""
     if cfg.model_dump(exclude={"preset", "mlp_ratio", "norm_target"}) != REFERENCE_SHAPE:
         return None
     return REFERENCE_ROWS.get((cfg.mlp_ratio, batch, precision))

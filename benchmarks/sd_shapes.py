@@ -1,4 +1,4 @@
-"""Random-weight models at the shapes BENCHMARKS.md measures (SD 1.5 UNet / VAE, MSM large), or tiny for CPU.
+"""Random-weight models at the reference shapes (SD 1.5 UNet / VAE, MSM large), or tiny for CPU.
 
 Shared by benchmarks/finetune.py and benchmarks/generate.py. Weights are random (no download): only shapes
 and arithmetic matter for throughput.

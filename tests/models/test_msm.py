@@ -58,14 +58,14 @@ def test_preset_parameter_counts() -> None:
     small = msm_param_counts(MSMConfig(preset="small"))
     assert abs(large["encoder"] / 297e6 - 1) < 0.05
     assert abs(small["encoder"] / 18.3e6 - 1) < 0.05
-    assert abs(large["total"] / 329e6 - 1) < 0.01  # BENCHMARKS.md: 329 M with decoder
+    assert abs(large["total"] / 329e6 - 1) < 0.01  # docs/reference-figures.md: 329 M with decoder
     reference = msm_param_counts(MSMConfig(preset="large", mlp_ratio=1.0))
     assert abs(reference["total"] / 165e6 - 1) < 0.01  # the reference code's config: 165 M
     assert build_msm(TINY).num_params() == msm_param_counts(TINY)
 
 
 def test_flops_match_benchmarks_mfu() -> None:
-    # BENCHMARKS.md: 762 samples/s at 3.2% MFU (mlp 1.0), 447 at 3.7% (mlp 4.0), against 989 TFLOP/s.
+    # docs/reference-figures.md: 762 samples/s at 3.2% MFU (mlp 1.0), 447 at 3.7% (mlp 4.0), against 989 TFLOP/s.
     for mlp, rate, mfu in ((1.0, 762, 0.032), (4.0, 447, 0.037)):
         flops = msm_train_flops_per_sample(MSMConfig(preset="large", mlp_ratio=mlp))
         assert flops * rate / 989e12 == pytest.approx(mfu, abs=0.0005)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from dreamdiff.configbase import StrictModel
+from dreamdiff.config.base import StrictModel
 
 
 class ConditionerConfig(StrictModel):
@@ -29,8 +29,8 @@ class ConditionerConfig(StrictModel):
     clip_center: bool = Field(
         False,
         description="beyond the paper: align with CLIP embeddings minus their training-set mean (ClipHead.target). "
-        "Where the embeddings share one dominant direction (a random CLIP: cosine 0.99 between any two images) the "
-        "paper's loss is met by predicting that direction and teaches the encoder nothing",
+        "Where the embeddings share one dominant direction (a random CLIP's are nearly parallel for any two images), "
+        "the paper's loss is met by predicting that direction and teaches the encoder nothing",
     )
 
 

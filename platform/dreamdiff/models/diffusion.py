@@ -130,11 +130,10 @@ def compile_sd(components: SDComponents, mode: str | None = None) -> None:
     """torch.compile the UNet and the VAE decoder in place, their weights channels-last (cuDNN's layout on
     recent GPUs; the compiled graphs fuse GroupNorm + SiLU, which eager channels-last runs slowly).
 
-    The first call of each new input shape (and grad mode) compiles: for SD 1.5 on one H200 about 1.5 min
-    before sampling and 3 min before training. Then 5 images for one EEG took 0.72 s (0.40 s with mode
-    "reduce-overhead", which replays the compiled kernels as CUDA graphs) against 1.05 s eager (README, "GPU
-    benchmarks"). Worth it for long training runs and long-lived servers, not for a few calls. The state dict
-    keeps its names. `mode` is torch.compile's (None: its default).
+    The first call of each new input shape (and grad mode) compiles, which takes minutes for SD 1.5; later calls
+    run faster, and mode "reduce-overhead" also replays the compiled kernels as CUDA graphs, so the host launches
+    one graph instead of hundreds of kernels (docs/benchmarks.md). Worth it for long training runs and long-lived
+    servers, not for a few calls. The state dict keeps its names. `mode` is torch.compile's (None: its default).
     """
     components.unet.to(memory_format=torch.channels_last)
     components.unet.compile(mode=mode)

@@ -1,5 +1,5 @@
 """The tiny SD's sizes, apart from the code that builds it: stage configs validate them without importing diffusers
-(seconds per process, paid by every Ray worker that reads a config)."""
+(a slow import, which every Ray worker that reads a config would pay)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from dreamdiff.configbase import StrictModel
+from dreamdiff.config.base import StrictModel
 
 
 class TinyDiffusionConfig(StrictModel):
     """A small SD-layout model built from config. Sizes default to the CPU demo's (1.7 M UNet params).
 
     Attention costs grow with the square of the pixel count, so cross-attention sits only at the lower
-    resolutions (DESIGN.md: attention at full resolution is the CPU killer); the UNet is symmetric.
+    resolutions (attention at full resolution is what a CPU cannot afford); the UNet is symmetric.
     """
 
     sample_size: int = Field(16, ge=4, description="image side in pixels")
@@ -28,8 +28,8 @@ class TinyDiffusionConfig(StrictModel):
     attention_head_dim: int = Field(
         2,
         ge=1,
-        description="diffusers' historic name for the HEAD COUNT (SD 1.5: 8). Tiny widths want few heads: on 2 CPU "
-        "cores the demo UNet's step (median of 6) took 271 ms with 2 heads of 32, 331 ms with 8 of 8; top-1 no worse",
+        description="diffusers' historic name for the HEAD COUNT (SD 1.5: 8). Tiny widths want few heads: on CPU the "
+        "demo UNet's step is faster with 2 heads of 32 than with 8 of 8, and its top-1 no worse",
     )
     use_vae: bool = False
     vae_block_out_channels: list[int] = Field(default_factory=lambda: [32, 64], min_length=1)

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from dreamdiff.configbase import StrictModel
+from dreamdiff.config.base import StrictModel
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.conditioner import ClipHead, ConditionerConfig, EEGConditioner, clip_alignment_loss
 from dreamdiff.models.diffusion import SDComponents, compile_sd, diffusion_loss, select_trainable
@@ -142,7 +142,6 @@ def build_eeg_diffusion(
 
 def compile_for_training(model: EEGDiffusion, components: SDComponents, mode: str | None = None) -> None:
     """What fine-tuning's `compile` does: `compile_sd` and the encoder's transformer blocks, which run at every
-    step there (sampling runs the encoder once per request and leaves it eager). With mode "reduce-overhead" (SD
-    1.5, batch 8, H200) a step ran 82 samples/s with the encoder eager and 103 with it compiled (two machines)."""
+    step there (sampling runs the encoder once per request and leaves it eager)."""
     compile_sd(components, mode)
     model.encoder.compile_blocks(mode)

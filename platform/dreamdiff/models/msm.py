@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from dreamdiff.configbase import StrictModel
+from dreamdiff.config.base import StrictModel
 
 _SIZE_FIELDS = (
     "embed_dim",
@@ -35,7 +35,7 @@ _SIZE_FIELDS = (
 # Encoder parameters (patch embed + cls + blocks + final norm: what survives pretraining), 128 ch x 512,
 # patch 4; see `msm_param_counts`. The reference code's own setting is `large` with mlp_ratio 1.0.
 PRESETS: dict[str, dict[str, Any]] = {
-    # 302.8 M (paper: ~297 M); decoder 26.0 M; 328.8 M in all (BENCHMARKS.md: 329 M).
+    # 302.8 M (paper: ~297 M); decoder 26.0 M; 328.8 M in all.
     "large": dict(
         embed_dim=1024,
         depth=24,
@@ -359,7 +359,7 @@ def msm_param_counts(cfg: MSMConfig) -> dict[str, int]:
 
 
 def msm_train_flops_per_sample(cfg: MSMConfig) -> float:
-    """Matmul FLOPs of one training sample (3 x forward), the MFU numerator of BENCHMARKS.md.
+    """Matmul FLOPs of one training sample (3 x forward), the numerator of the benchmarks' MFU.
 
     Counts 2 FLOPs per multiply-add of every Linear/Conv weight and of attention's QK^T and AV: the patch
     embed on all L tokens, the encoder on the visible tokens + cls, the decoder on all L tokens + cls.
