@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 import yaml
 
-from dreamdiff.cli import STAGES, main
+from dreamdiff.cli import build_parser, main
+from dreamdiff.config import STAGES, StrictModel, load_config
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dreamdiff.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "dreamdiff", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_top_level_help_lists_every_stage() -> None:
@@ -22,6 +25,22 @@ def test_top_level_help_lists_every_stage() -> None:
     assert out.returncode == 0
     for stage in STAGES:
         assert stage in out.stdout
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_the_registry_drives_the_cli(name: str) -> None:
+    """Each registered stage is a sub-command whose default config loads as the stage's model, run by a function."""
+    stage = STAGES[name]
+    args = build_parser().parse_args([name])
+    assert args.stage == name and args.config == stage.default_config
+    assert stage.name == name and issubclass(stage.config, StrictModel)
+    assert isinstance(load_config(name, stage.default_config), stage.config)
+    assert inspect.isfunction(stage.run) and list(inspect.signature(stage.run).parameters) == ["cfg"]
+
+
+def test_version_through_python_m() -> None:
+    out = _run("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"dreamdiff {version('dreamdiff')}"
 
 
 @pytest.mark.parametrize("stage", list(STAGES))

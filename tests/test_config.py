@@ -15,8 +15,8 @@ from dreamdiff.config import (
     apply_overrides,
     load_config,
     record_config,
-    torch_compile_mode,
 )
+from dreamdiff.models.sampling import torch_compile_mode
 
 STAGE_OF = {"demo.yaml": "demo"}
 NOT_STAGE_CONFIGS = {"serve-app.yaml"}  # a Ray Serve deploy config (checked in tests/serve/test_configs.py)
@@ -31,7 +31,7 @@ def _stage_of(path: Path) -> str:
 )
 def test_every_shipped_config_validates(path: Path) -> None:
     cfg = load_config(_stage_of(path), path)
-    assert isinstance(cfg, STAGES[_stage_of(path)])
+    assert isinstance(cfg, STAGES[_stage_of(path)].config)
 
 
 def test_every_stage_has_a_demo_config() -> None:

@@ -12,28 +12,27 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dreamdiff.config import DemoConfig, FinetuneConfig, apply_overrides, record_config, validate_config
-from dreamdiff.data import preprocess
+from dreamdiff.config import (
+    STAGES,
+    TRIAL_OUTPUT,
+    DemoConfig,
+    FinetuneConfig,
+    PathKind,
+    apply_overrides,
+    record_config,
+    validate_config,
+)
 from dreamdiff.demo_report import SERVE_DIR, write_demo_report
-from dreamdiff.eval import evaluate
-from dreamdiff.train import finetune, pretrain
+from dreamdiff.locations import path_fields
+from dreamdiff.train import finetune
 
 STAGES_FILE = "stages.json"
-# config section -> its fields that hold paths (placed inside the run folder when relative)
-PATH_FIELDS = {
-    "preprocess": ("output",),
-    "pretrain": ("data", "output"),
-    "finetune": ("data", "output", "encoder_checkpoint"),
-    "sweep": ("output", "probe_data"),
-    "evaluate": ("checkpoint", "data", "output", "classifier"),
-    "serve": ("checkpoint",),
-    "generate": ("input", "output", "checkpoint"),
-}
 # the paper's ablations (Table 3): name -> what changes against the full fine-tuning
 ABLATIONS = {
     "no pretraining": {"encoder_checkpoint": None},
@@ -42,23 +41,32 @@ ABLATIONS = {
 }
 
 
-def _inside(folder: Path, path: str | None) -> str | None:
-    return path if path is None or Path(path).is_absolute() else str(folder / path)
+def sections(cfg: DemoConfig) -> list[str]:
+    """The stages the demo runs, in its config's order: its sections named after a stage."""
+    return [name for name in type(cfg).model_fields if name in STAGES]
 
 
 def resolve(cfg: DemoConfig) -> DemoConfig:
-    """Apply --quick's overrides, place relative stage paths inside the run folder, share the demo's Ray."""
+    """Apply --quick's overrides, place relative stage paths inside the run folder, share the demo's Ray.
+
+    Every path field of every section (dreamdiff.locations.path_fields) moves into the run folder when relative;
+    a `ModelRef` (a model name or a path) only where the run folder holds it.
+    """
     if cfg.quick:
         cfg = validate_config("demo", apply_overrides(cfg.model_dump(mode="json"), cfg.quick_overrides), "demo --quick")
     out = Path(cfg.output).resolve()
     cfg.output = str(out)
-    for section, fields in PATH_FIELDS.items():
-        stage = getattr(cfg, section)
-        for name in fields:
-            setattr(stage, name, _inside(out, getattr(stage, name)))
-        if "ray" in type(stage).model_fields:
-            stage.ray = cfg.ray
-    cfg.sweep.base.data = str(_inside(out, cfg.sweep.base.data))
+    for found in path_fields(cfg):
+        path = Path(found.value)
+        if path.is_absolute() or found.value == TRIAL_OUTPUT:  # the sweep gives each trial its own output
+            continue
+        if found.kind is PathKind.MODEL_REF and not (out / path).exists():
+            continue
+        found.set(str(out / path))
+    for name in sections(cfg):
+        section = getattr(cfg, name)
+        if "ray" in type(section).model_fields:
+            section.ray = cfg.ray
     return cfg
 
 
@@ -113,24 +121,19 @@ def serve_one_request(cfg: DemoConfig) -> dict[str, Any]:
     return summary
 
 
+def _runner(cfg: DemoConfig, stage: str) -> Callable[[], Any]:
+    if stage == "serve":  # the demo deploys, answers one request and shuts down instead of serving until Ctrl-C
+        return partial(serve_one_request, cfg)
+    return partial(STAGES[stage].run, getattr(cfg, stage))
+
+
 def plan(cfg: DemoConfig) -> list[tuple[str, Callable[[], Any]]]:
     """The stages in order: (name, what runs it)."""
-    from dreamdiff.serve import batch
-    from dreamdiff.tune import sweep
-
-    steps: list[tuple[str, Callable[[], Any]]] = [
-        ("preprocess", lambda: preprocess.run(cfg.preprocess)),
-        ("pretrain", lambda: pretrain.run(cfg.pretrain)),
-        ("finetune", lambda: finetune.run(cfg.finetune)),
-        ("sweep", lambda: sweep.run(cfg.sweep)),
-        ("evaluate", lambda: evaluate.run(cfg.evaluate)),
-        ("serve", lambda: serve_one_request(cfg)),
-        ("generate", lambda: batch.run(cfg.generate)),
-    ]
+    steps = [(name, _runner(cfg, name)) for name in sections(cfg)]
     if cfg.ablations:
         for name, (ft, ev) in ablation_configs(cfg).items():
-            steps.append((f"finetune: {name}", lambda ft=ft: finetune.run(ft)))
-            steps.append((f"evaluate: {name}", lambda ev=ev: evaluate.run(ev)))
+            steps.append((f"finetune: {name}", partial(STAGES["finetune"].run, ft)))
+            steps.append((f"evaluate: {name}", partial(STAGES["evaluate"].run, ev)))
     return steps
 
 

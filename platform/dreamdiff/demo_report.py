@@ -18,7 +18,7 @@ from PIL import Image
 from dreamdiff.config import DemoConfig, FinetuneConfig, dump_config
 from dreamdiff.data import synthetic
 from dreamdiff.report import image_grid, loss_curve, metric_curves, write_report
-from dreamdiff.train import finetune, finetune_loop, pretrain, tiny_sd_pretrain
+from dreamdiff.train import finetune, finetune_loop, pretrain, tiny_sd_pretrain, worker
 from dreamdiff.tune import sweep
 
 SERVE_DIR = "serve"  # the demo's Serve request and answer, inside the run folder
@@ -88,8 +88,8 @@ def _preprocess_section(cfg: DemoConfig, figures: Path) -> tuple[dict[str, Any],
 
 def _pretrain_section(cfg: DemoConfig, figures: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     run = Path(cfg.pretrain.output)
-    last = _jsonl(run / pretrain.METRICS_FILE)[-1]
-    curve = loss_curve(run / pretrain.METRICS_FILE, figures / "pretrain-loss.png", "MSM pretraining")
+    last = _jsonl(run / worker.METRICS_FILE)[-1]
+    curve = loss_curve(run / worker.METRICS_FILE, figures / "pretrain-loss.png", "MSM pretraining")
     recon = sorted((run / "plots").glob("reconstruction-epoch*.png"))[-1]
     metrics = {
         "step": last["step"],
@@ -110,9 +110,9 @@ def _pretrain_section(cfg: DemoConfig, figures: Path) -> tuple[dict[str, Any], d
 
 def _finetune_section(ft: FinetuneConfig, figures: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     run = Path(ft.output)
-    last = _jsonl(run / pretrain.METRICS_FILE)[-1]
+    last = _jsonl(run / worker.METRICS_FILE)[-1]
     curve = metric_curves(
-        run / pretrain.METRICS_FILE, ("loss", "sd_loss", "clip_loss"), figures / "finetune-loss.png",
+        run / worker.METRICS_FILE, ("loss", "sd_loss", "clip_loss"), figures / "finetune-loss.png",
         "fine-tuning (SD loss + CLIP alignment loss)", "loss",
     )
     metrics = {k: last[k] for k in ("step", "loss", "sd_loss", "clip_loss", "samples_per_s")}

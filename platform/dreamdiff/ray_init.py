@@ -34,19 +34,19 @@ def start_local_ray(**kwargs: object) -> None:
     """`ray.init` of a new local instance on 127.0.0.1 whose processes inherit two settings (`LOCAL_NODE_ENV`),
     and one setting for the driver itself (`LOCAL_DRIVER_ENV`).
 
-    RAY_ADDRESS=local: Ray Train's PlacementGroupCleaner (Ray 2.60) finds its cluster through the environment;
+    RAY_ADDRESS=local: Ray Train's PlacementGroupCleaner finds its cluster through the environment;
     without RAY_ADDRESS it takes the cluster of the last `ray start` on this machine, finds no controller there,
     and removes the placement group of a live run, killing its workers. "local" makes it look only for a
     running instance (this one) and give up when there are several.
 
     RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0 (unless set already): the watcher is one more actor per trainer that
-    polls for nodes about to be drained, and a single local node has none; on a laptop each actor costs
-    seconds of start-up.
+    polls for nodes about to be drained, and a single local node has none; on a laptop each actor slows the
+    start.
 
     RAY_DATA_PARQUET_FOOTER_NUM_ACTORS=1 (unless set already) stays set in this process, where Ray Data plans
     its reads: each Parquet read starts a pool of actors that read the files' footers, 32 by default, sized
     for object stores over a network. On a local disk one actor reads them as fast, and each actor is a
-    process: the quick demo started 20 of them and ran 40 s (12 %) longer on a 2-core machine.
+    process that a small machine pays for in start-up time and memory.
 
     A cluster's own processes, and drivers that join a cluster, never see these.
     """

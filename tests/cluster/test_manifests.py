@@ -22,7 +22,6 @@ import ray
 import ray.autoscaler
 import yaml
 
-from dreamdiff.cli import STAGES as CLI_STAGES
 from dreamdiff.config import STAGES, load_config
 from dreamdiff.locations import check_locations
 
@@ -233,7 +232,7 @@ def test_runtime_env_file_is_a_valid_ray_runtime_env_of_existing_paths() -> None
 
 def test_one_thin_driver_per_stage_each_running_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
     drivers = {_driver_stage(p): p for p in sorted((REPO / "jobs").glob("*.py"))}
-    assert set(drivers) == set(CLI_STAGES), f"stages without a jobs/ driver: {set(CLI_STAGES) - set(drivers)}"
+    assert set(drivers) == set(STAGES), f"stages without a jobs/ driver: {set(STAGES) - set(drivers)}"
     for stage, script in drivers.items():
         saved = sys.argv
         sys.argv = [str(script), "--print-config"]
@@ -244,7 +243,7 @@ def test_one_thin_driver_per_stage_each_running_the_cli(capsys: pytest.CaptureFi
             sys.argv = saved
         assert done.value.code == 0, f"{script.name}: exit {done.value.code}"
         printed = yaml.safe_load(capsys.readouterr().out)
-        assert printed == load_config(stage, CLI_STAGES[stage].default_config).model_dump(mode="json"), script.name
+        assert printed == load_config(stage, STAGES[stage].default_config).model_dump(mode="json"), script.name
 
 
 # ------------------------------------------------------------------------------------ configs
@@ -262,10 +261,9 @@ def test_every_config_loads_with_its_stage(path: Path) -> None:
     check_locations(stage, load_config(stage, path))
 
 
-def test_readme_cluster_section_names_only_files_that_exist() -> None:
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("### Run on a cluster") :]
-    named = set(re.findall(r"(?<![\w/.])((?:cluster|configs|jobs|tests)/[\w./-]+\.(?:yaml|py))\b", section))
-    assert named, "the section names no files"
+def test_cluster_guide_names_only_files_that_exist() -> None:
+    text = (REPO / "docs" / "cluster.md").read_text()
+    named = set(re.findall(r"(?<![\w/.])((?:cluster|configs|jobs|tests)/[\w./-]+\.(?:yaml|py))\b", text))
+    assert named, "the guide names no files"
     missing = sorted(n for n in named if not (REPO / n).is_file())
-    assert not missing, f"README names missing files: {missing}"
+    assert not missing, f"docs/cluster.md names missing files: {missing}"

@@ -91,7 +91,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pydantic import Field, model_validator
 
-from dreamdiff.configbase import StrictModel
+from dreamdiff.config.base import StrictModel
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "crescent")
 COLOURS = (

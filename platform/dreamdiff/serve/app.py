@@ -40,6 +40,7 @@ from dreamdiff.config import (
     validate_config,
 )
 from dreamdiff.errors import DreamdiffError
+from dreamdiff.locations import path_fields
 from dreamdiff.serve.api import (
     API_VERSION,
     NPY_TYPES,
@@ -341,12 +342,12 @@ def config_from_args(args: dict[str, Any]) -> ServeConfig:
 
 def absolute_paths(cfg: ServeConfig) -> ServeConfig:
     """The config with its relative paths that exist here made absolute (replicas do not share our cwd)."""
-
-    def absolute(path: str) -> str:
-        return str(Path(path).resolve()) if not Path(path).is_absolute() and Path(path).exists() else path
-
-    auth = cfg.auth.model_copy(update={"token_file": cfg.auth.token_file and absolute(cfg.auth.token_file)})
-    return cfg.model_copy(update={"checkpoint": absolute(cfg.checkpoint), "auth": auth})
+    cfg = cfg.model_copy(deep=True)
+    for found in path_fields(cfg):
+        path = Path(found.value)
+        if not path.is_absolute() and path.exists():
+            found.set(str(path.resolve()))
+    return cfg
 
 
 def _merge(data: dict[str, Any], keys: list[str], value: Any) -> None:
