@@ -23,7 +23,8 @@ def _heavy_imported(module: str) -> list[str]:
     ("module", "allowed"),
     [
         ("dreamdiff.config", ()),  # every stage and worker validates its config
-        ("dreamdiff.train.pretrain", ()),  # MSM workers and their Train controller
+        ("dreamdiff.train.pretrain", ()),  # the MSM driver, in each sweep trial's Tune actor
+        ("dreamdiff.train.pretrain_loop", ()),  # MSM workers
         ("dreamdiff.tune.sweep", ()),  # each trial's Tune actor
         ("dreamdiff.train.finetune_loop", ("diffusers",)),  # fine-tuning workers: the UNet, not CLIP
     ],

@@ -112,8 +112,11 @@ def _finetune_section(ft: FinetuneConfig, figures: Path) -> tuple[dict[str, Any]
     run = Path(ft.output)
     last = _jsonl(run / worker.METRICS_FILE)[-1]
     curve = metric_curves(
-        run / worker.METRICS_FILE, ("loss", "sd_loss", "clip_loss"), figures / "finetune-loss.png",
-        "fine-tuning (SD loss + CLIP alignment loss)", "loss",
+        run / worker.METRICS_FILE,
+        ("loss", "sd_loss", "clip_loss"),
+        figures / "finetune-loss.png",
+        "fine-tuning (SD loss + CLIP alignment loss)",
+        "loss",
     )
     metrics = {k: last[k] for k in ("step", "loss", "sd_loss", "clip_loss", "samples_per_s")}
     text = "Preview: held-out (validation) stimuli, then images generated from the EEG recorded while they were shown."
@@ -184,15 +187,17 @@ def _ablation_section(
     table = []
     for name, ft, figures in rows:
         top = figures["metrics"][TOP1]
-        table.append({
-            "variant": name,
-            "MSM pretraining": ft.encoder_checkpoint is not None,
-            "CLIP loss": ft.clip_weight > 0,
-            "top-1": top["value"],
-            "chance": top["chance"],
-            "retrieval top-1": figures["metrics"].get("retrieval_top_1", {}).get("value", ""),
-            "paper (50-way, ImageNet-EEG)": PAPER_TOP1.get(name) or "",
-        })
+        table.append(
+            {
+                "variant": name,
+                "MSM pretraining": ft.encoder_checkpoint is not None,
+                "CLIP loss": ft.clip_weight > 0,
+                "top-1": top["value"],
+                "chance": top["chance"],
+                "retrieval top-1": figures["metrics"].get("retrieval_top_1", {}).get("value", ""),
+                "paper (50-way, ImageNet-EEG)": PAPER_TOP1.get(name) or "",
+            }
+        )
     section = {
         "heading": "Ablations (the paper's Table 3, on SynthEEG-Image)",
         "table": table,

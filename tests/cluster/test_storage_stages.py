@@ -15,7 +15,7 @@ from dreamdiff.config import PreprocessConfig, dump_config, load_config, validat
 from dreamdiff.data.preprocess import plan, process_subject, run, write_manifest
 from dreamdiff.data.reader import shard_files
 from dreamdiff.data.schema import DONE
-from dreamdiff.train import pretrain
+from dreamdiff.train import pretrain, worker
 
 ROWS = 2 * (30 * 128 // 512) + 2 * 40 + 3 * 4  # FakeDataset: 2 runs x 7 windows; unlabeled 2 x 40; paired 3 x 4
 
@@ -113,7 +113,7 @@ def test_pretrain_writes_its_run_folder_to_an_object_store(ray_local: None, in_p
          "checkpoint.every_steps=4", "log_every_steps=2", "plot_every_epochs=2"],
     )  # fmt: skip
     metrics = pretrain.run(cfg)
-    lines = [json.loads(x) for x in storage.read_text(f"{run}/{pretrain.METRICS_FILE}").splitlines()]
+    lines = [json.loads(x) for x in storage.read_text(f"{run}/{worker.METRICS_FILE}").splitlines()]
     assert lines[-1]["step"] == metrics["step"] > 0 and len(lines) == metrics["step"] // 2
     assert storage.find(run, "reconstruction-epoch0002.png") == [f"{run}/plots/reconstruction-epoch0002.png"]
     assert storage.read_text(f"{run}/config.yaml") == dump_config(cfg)

@@ -26,7 +26,8 @@ from dreamdiff.train.finetune import GENERATOR_DIR, PRECOMPUTED_DIR, paired_file
 from dreamdiff.train.finetune import run as finetune
 from dreamdiff.train.finetune_loop import PREVIEW_FILE
 from dreamdiff.train.precompute import FrozenModels, decode_images, precompute
-from dreamdiff.train.pretrain import ENCODER_FILE, FAILED_ONCE, METRICS_FILE
+from dreamdiff.train.pretrain import ENCODER_FILE
+from dreamdiff.train.worker import FAILED_ONCE, METRICS_FILE
 
 # diffusers 0.42's DPMSolverMultistepScheduler calls np.array on a torch tensor, which numpy 2 flags
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")

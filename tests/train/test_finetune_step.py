@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from dreamdiff.models.conditioner import ConditionerConfig
-from dreamdiff.models.diffusion import SDComponents, build_tiny_sd, load_sd_components
-from dreamdiff.models.diffusion_config import TinyDiffusionConfig
+from dreamdiff.models.diffusion import SDComponents, load_sd_components
 from dreamdiff.models.eeg_diffusion import EEGDiffusion, GeneratorSpec, build_eeg_diffusion, compile_for_training
 from dreamdiff.models.msm import MSMConfig
 from dreamdiff.train.finetune_step import build_finetune_optimizer, finetune_train_step, trainable_parameters
@@ -19,25 +18,16 @@ from dreamdiff.train.finetune_step import build_finetune_optimizer, finetune_tra
 CLIP_DIM = 32
 
 
-@pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    cfg = TinyDiffusionConfig(
-        sample_size=8, block_out_channels=[32, 32], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"]
-    )
-    return build_tiny_sd(cfg, tmp_path_factory.mktemp("sd") / "tiny")
-
-
-def _model(sd_folder: Path, trainable: str = "cross_attention") -> tuple[EEGDiffusion, SDComponents]:
+def _model(tiny_sd: Path, trainable: str = "cross_attention") -> tuple[EEGDiffusion, SDComponents]:
     torch.manual_seed(0)
     spec = GeneratorSpec(
-        base_model=str(sd_folder),
+        base_model=str(tiny_sd),
         msm=MSMConfig(preset="tiny"),
         conditioner=ConditionerConfig(context_dim=64, clip_dim=CLIP_DIM),
         trainable=trainable,
         image_size=8,
     )
-    components = load_sd_components(str(sd_folder))
+    components = load_sd_components(str(tiny_sd))
     return build_eeg_diffusion(spec, components), components
 
 
@@ -71,8 +61,8 @@ def _step(
     )
 
 
-def test_loss_decreases_on_a_fixed_batch(sd_folder: Path) -> None:
-    model, components = _model(sd_folder)
+def test_loss_decreases_on_a_fixed_batch(tiny_sd: Path) -> None:
+    model, components = _model(tiny_sd)
     optimizer = build_finetune_optimizer(model, lr=1e-3)
     batch = _batch()
     history = [_step(model, components, optimizer, batch) for _ in range(30)]
@@ -84,8 +74,8 @@ def test_loss_decreases_on_a_fixed_batch(sd_folder: Path) -> None:
     assert all(math.isfinite(h["grad_norm"]) and h["lr"] == 1e-3 for h in history)
 
 
-def test_clip_weight_zero_gives_the_clip_term_no_influence(sd_folder: Path) -> None:
-    model, components = _model(sd_folder)
+def test_clip_weight_zero_gives_the_clip_term_no_influence(tiny_sd: Path) -> None:
+    model, components = _model(tiny_sd)
     twin = copy.deepcopy(model)
     head_before = {k: v.clone() for k, v in model.clip_head.state_dict().items()}
     with_target = _step(model, components, build_finetune_optimizer(model, lr=1e-3), _batch(), clip_weight=0.0)
@@ -99,8 +89,8 @@ def test_clip_weight_zero_gives_the_clip_term_no_influence(sd_folder: Path) -> N
         torch.testing.assert_close(value, head_before[name], rtol=0, atol=0)  # the head got no gradient
 
 
-def test_only_the_trainable_set_changes(sd_folder: Path) -> None:
-    model, components = _model(sd_folder)
+def test_only_the_trainable_set_changes(tiny_sd: Path) -> None:
+    model, components = _model(tiny_sd)
     trainable = trainable_parameters(model)
     heads = [model.encoder, model.conditioner, model.clip_head]
     assert len(trainable) == sum(len(list(m.parameters())) for m in heads) + len(model.unet_trainable)
@@ -118,8 +108,8 @@ def test_only_the_trainable_set_changes(sd_folder: Path) -> None:
     assert any(k.startswith("encoder.") for k in changed) and any(k.startswith("conditioner.") for k in changed)
 
 
-def test_bad_batches_are_named(sd_folder: Path) -> None:
-    model, components = _model(sd_folder, trainable="none")
+def test_bad_batches_are_named(tiny_sd: Path) -> None:
+    model, components = _model(tiny_sd, trainable="none")
     assert model.unet_trainable == []
     optimizer = build_finetune_optimizer(model, lr=1e-3)
     with pytest.raises(ValueError, match="no clip_target"):
@@ -130,12 +120,12 @@ def test_bad_batches_are_named(sd_folder: Path) -> None:
         _step(model, components, optimizer, {**_batch(), "clip_target": torch.zeros(4, 7)})
 
 
-def test_encoder_lr_scale_slows_only_the_encoder(sd_folder: Path) -> None:
+def test_encoder_lr_scale_slows_only_the_encoder(tiny_sd: Path) -> None:
     """encoder_lr_scale 0.1: the encoder's groups step at a tenth of the rate, every other group at the full rate,
     so after one Adam step (update about lr per weight) the encoder has moved about ten times less."""
     moved = {}
     for scale in (1.0, 0.1):
-        model, components = _model(sd_folder)
+        model, components = _model(tiny_sd)
         before = copy.deepcopy(model.state_dict())
         optimizer = build_finetune_optimizer(model, lr=1e-3, encoder_lr_scale=scale)
         _step(model, components, optimizer, _batch())
@@ -153,12 +143,12 @@ def test_encoder_lr_scale_slows_only_the_encoder(sd_folder: Path) -> None:
 
 
 @pytest.mark.slow  # compiling the tiny UNet's forward and backward takes over a minute on two cores
-def test_a_compiled_model_trains_as_the_eager_one(sd_folder: Path) -> None:
+def test_a_compiled_model_trains_as_the_eager_one(tiny_sd: Path) -> None:
     """FinetuneConfig.compile (here reduce-overhead, the SD 1.5 config's; on a CPU torch runs it without CUDA
     graphs): the UNet and every encoder block compiled, the same losses and trained weights as eager."""
     runs = {}
     for compiled in (False, True):
-        model, components = _model(sd_folder)
+        model, components = _model(tiny_sd)
         if compiled:
             compile_for_training(model, components, "reduce-overhead")
             assert all(block._compiled_call_impl is not None for block in model.encoder.blocks)

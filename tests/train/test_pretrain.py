@@ -14,8 +14,9 @@ from dreamdiff.config import PretrainConfig, validate_config
 from dreamdiff.data.preprocess import run as preprocess
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.msm import MSMEncoder
-from dreamdiff.train.pretrain import ENCODER_FILE, FAILED_ONCE, METRICS_FILE, latest_checkpoint
+from dreamdiff.train.pretrain import ENCODER_FILE, latest_checkpoint
 from dreamdiff.train.pretrain import run as pretrain
+from dreamdiff.train.worker import FAILED_ONCE, METRICS_FILE
 
 
 @pytest.fixture(scope="module")
@@ -82,37 +83,46 @@ def test_two_ddp_workers_learn_well_below_zero_prediction(shards: Path, tmp_path
     assert (tmp_path / "run" / "config.yaml").exists()
 
 
-def test_worker_failure_restarts_from_checkpoint_and_finishes(shards: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def recovered(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A 2-epoch run on one worker that fails once at step 15 (checkpoints every 10 steps) and is restarted by Ray
+    Train: its folder and final result. The failure test checks it; the resume test starts from it."""
+    output = tmp_path_factory.mktemp("recovered") / "run"
     cfg = _config(
         shards,
-        tmp_path / "run",
+        output,
         epochs=2,
         scaling={"num_workers": 1},
         checkpoint={"every_steps": 10},
         max_failures=1,
         inject_failure_at_step=15,
     )
-    final = pretrain(cfg)
-    assert (tmp_path / "run" / FAILED_ONCE).exists()  # the failure did happen
-    lines = _metrics(tmp_path / "run")
+    return output, pretrain(cfg)
+
+
+def test_worker_failure_restarts_from_checkpoint_and_finishes(recovered: tuple[Path, dict]) -> None:
+    run, final = recovered
+    assert (run / FAILED_ONCE).exists()  # the failure did happen
+    lines = _metrics(run)
     total = 2 * (288 // 16)
     logged = sorted({*range(5, total + 1, 5), total})
     assert [line["step"] for line in lines] == logged  # every step accounted for, once
     assert [line["resumed_at"] for line in lines] == [0, 0] + [10] * (len(lines) - 2)  # from the step-10 checkpoint
     assert final["step"] == total and lines[-1]["epoch"] == pytest.approx(2.0)
-    with safe_open(str(tmp_path / "run" / ENCODER_FILE), "pt") as f:
+    with safe_open(str(run / ENCODER_FILE), "pt") as f:
         assert f.metadata()["step"] == str(total)
 
 
-def test_resume_from_another_run_continues_step_count(shards: Path, tmp_path: Path) -> None:
-    first = _config(shards, tmp_path / "a", epochs=1, scaling={"num_workers": 1})
-    pretrain(first)
-    before = _metrics(tmp_path / "a")[-1]
-    second = _config(shards, tmp_path / "b", epochs=2, scaling={"num_workers": 1}, resume_from=str(tmp_path / "a"))
+def test_resume_from_another_run_continues_step_count(
+    shards: Path, recovered: tuple[Path, dict], tmp_path: Path
+) -> None:
+    first, _ = recovered
+    before = _metrics(first)[-1]
+    second = _config(shards, tmp_path / "b", epochs=3, scaling={"num_workers": 1}, resume_from=str(first))
     pretrain(second)
     after = _metrics(tmp_path / "b")
-    assert before["step"] == 18 and after[0]["step"] == 20 and after[-1]["step"] == 36
-    assert after[0]["resumed_at"] == 18
+    assert before["step"] == 36 and after[0]["step"] == 40 and after[-1]["step"] == 54
+    assert after[0]["resumed_at"] == 36
     assert after[0]["val_loss"] < before["val_loss"] * 1.2  # it started from the trained weights, not afresh
 
 

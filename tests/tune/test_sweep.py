@@ -23,7 +23,8 @@ from dreamdiff.eval.probe import encoder_features, linear_probe, load_probe_sets
 from dreamdiff.models.msm import PRESETS, MSMConfig, build_msm
 from dreamdiff.train.msm_step import msm_train_step
 from dreamdiff.train.optim import build_optimizer
-from dreamdiff.train.pretrain import ENCODER_FILE, METRICS_FILE, SPLIT_FILE
+from dreamdiff.train.pretrain import ENCODER_FILE, SPLIT_FILE
+from dreamdiff.train.worker import METRICS_FILE
 from dreamdiff.tune.sweep import (
     BEST_FILE,
     PLOT_FILE,

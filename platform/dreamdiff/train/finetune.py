@@ -3,7 +3,7 @@
 The driver (`run`) checks every input before any work (data, encoder checkpoint, base model, CLIP, sizes),
 builds the offline stand-ins the config asks for (a tiny SD in <output>/tiny-sd, a seeded random CLIP in
 <output>/clip-random.safetensors), has Ray Data compute the frozen models' outputs once (train/precompute.py,
-into <output>/precomputed/) and starts a TorchTrainer whose workers run `finetune_loop.train_loop`: they
+into <output>/precomputed/) and fits a TorchTrainer whose workers run `finetune_loop.train_loop`: they
 report to Ray Train only with a checkpoint (every `checkpoint.every_steps` and at the end). Re-running the same
 config into the same output folder resumes from the last checkpoint. At the end rank 0 writes the generator
 checkpoint (only the trained tensors + the base model id) into <output>/generator/ and a preview grid (held-out
@@ -39,6 +39,7 @@ from dreamdiff.train import tiny_sd_pretrain
 from dreamdiff.train.finetune_loop import GENERATOR_DIR, steps_per_epoch, train_loop
 from dreamdiff.train.precompute import FrozenModels, decode_images, precompute
 from dreamdiff.train.pretrain import ENCODER_FILE
+from dreamdiff.train.trainer import build_torch_trainer, fits_object_store, training_dataset
 
 log = logging.getLogger(__name__)
 
@@ -285,21 +286,14 @@ def clip_mean(files: list[str]) -> np.ndarray:
     return column.to_numpy_ndarray().astype(np.float64).mean(0).astype(np.float32)
 
 
-def _cache(files: list[str]) -> bool:
-    """Keep the training rows in Ray's object store when they fit comfortably (under 25%)."""
-    import ray
-
+def _decoded_bytes(files: list[str]) -> int:
+    """The uncompressed size of the row groups in `files` (Parquet footers only)."""
     meta = [pq.ParquetFile(f).metadata for f in files]
-    decoded = sum(m.row_group(i).total_byte_size for m in meta for i in range(m.num_row_groups))
-    return decoded < 0.25 * ray.available_resources().get("object_store_memory", 0)
+    return sum(m.row_group(i).total_byte_size for m in meta for i in range(m.num_row_groups))
 
 
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune (or resume); returns the last reported metrics. The generator lands in <output>/generator/."""
-    import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from dreamdiff.ray_init import init_ray
 
     output = Path(cfg.output).resolve()
@@ -316,11 +310,8 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     preview = read_preview(checked["files"], cfg.preview, shape.image_size) if cfg.preview.eegs else None
     if cfg.tiny_sd_pretrain is not None:
         _pretrain_tiny_sd(cfg, Path(base_model), pre.files, clip_weights, preview)
-    dataset = ray.data.read_parquet(pre.files).select_columns(list(TRAIN_COLUMNS))
-    dataset = dataset.randomize_block_order(seed=cfg.seed)
-    dataset.context.enable_progress_bars = False  # the loop logs its own progress, per step
-    if _cache(pre.files):
-        dataset = dataset.materialize()  # read once: later epochs iterate the object store
+    cache = fits_object_store(_decoded_bytes(pre.files))
+    dataset = training_dataset(pre.files, TRAIN_COLUMNS, seed=cfg.seed, cache=cache)
     spec = GeneratorSpec(
         base_model=base_model,
         msm=checked["msm"],
@@ -356,20 +347,13 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         provenance["encoder_init"],
         base_model,
     )
-    trainer = TorchTrainer(
+    trainer = build_torch_trainer(
         train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-        ),
-        run_config=ray.train.RunConfig(
-            name="train",
-            storage_path=str(output / "ray"),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-        ),
+        loop_config,
+        output=str(output),
+        scaling=cfg.scaling,
+        checkpoint=cfg.checkpoint,
+        max_failures=cfg.max_failures,
         datasets={"train": dataset},
     )
     metrics = dict(trainer.fit().metrics or {})

@@ -4,14 +4,12 @@ Each worker builds the `EEGDiffusion` on the base SD, reads its shard of the pre
 `get_dataset_shard`, calls the plain step function `finetune_train_step` (bf16 autocast on CUDA), appends to
 metrics.jsonl every `log_every_steps` and reports to Ray Train only with a checkpoint. At the end rank 0 writes
 the generator checkpoint and the preview grid. Kept apart from the driver so that a worker process imports
-neither open_clip nor the driver's checks: seconds per process on a small machine.
+neither open_clip nor the driver's checks, which every worker process would pay for at start-up.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +23,10 @@ from dreamdiff.models.eeg_diffusion import GeneratorSpec, build_eeg_diffusion, c
 from dreamdiff.models.generator import Generator, save_generator
 from dreamdiff.models.sampling import torch_compile_mode
 from dreamdiff.train.batches import ResumableBatches
-from dreamdiff.train.checkpoint import load_training_state, unwrap
+from dreamdiff.train.checkpoint import unwrap
 from dreamdiff.train.finetune_step import build_finetune_optimizer, finetune_train_step
 from dreamdiff.train.optim import WarmupCosine
-from dreamdiff.train.pretrain import FAILED_ONCE, METRICS_FILE, report_checkpoint
+from dreamdiff.train.worker import StepWindow, append_metrics, inject_failure, report_checkpoint, restore
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +57,7 @@ def train_loop(config: dict[str, Any]) -> None:
         model.clip_head.requires_grad_(False)
     if config["clip_mean"] is not None:  # the centre of the CLIP targets (ConditionerConfig.clip_center)
         model.clip_head.target_mean.copy_(torch.as_tensor(config["clip_mean"]))
-    position = {"step": 0}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # this run restarted (failure or re-run): Ray hands back its latest checkpoint
-        with checkpoint.as_directory() as folder:
-            position = load_training_state(folder, model, optimizer)
-        if rank == 0:
-            log.info("resumed at step %d", position["step"])
+    position = restore(model, optimizer)
     if cfg.compile:  # compiles at the first step (and at the first preview); the state dict keeps its names
         compile_for_training(model, components, torch_compile_mode(cfg.compile))
     model = ray.train.torch.prepare_model(model)
@@ -80,8 +72,7 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + 1_000_003 * rank + step)  # timesteps and noise: fresh after a restart, per worker
     aug_gen = torch.Generator().manual_seed(cfg.seed * 1000 + 17 * rank + step)
 
-    window: list[dict[str, float]] = []
-    tick, tick_step = time.perf_counter(), step
+    window = StepWindow(step, cfg.batch_size)
     for epoch, index, (batch,) in batches.from_step(step):
         batch["clip_target"] = batch.pop("clip_embedding")
         batch["eeg"] = augment_eeg(batch["eeg"], cfg.augment.max_crop, cfg.augment.scale, aug_gen)
@@ -97,24 +88,18 @@ def train_loop(config: dict[str, Any]) -> None:
             device=device,
         )
         step += 1
-        window.append(stats)
-        if cfg.inject_failure_at_step == step and rank == 0 and not (output / FAILED_ONCE).exists():
-            (output / FAILED_ONCE).touch()
-            raise RuntimeError(f"injected failure at step {step} (config inject_failure_at_step)")
+        window.add(stats)
+        inject_failure(cfg.inject_failure_at_step, step, rank, output)
         save = step % cfg.checkpoint.every_steps == 0 or step == total
         if step % cfg.log_every_steps and not save:
             continue
-        elapsed = max(time.perf_counter() - tick, 1e-9)
         metrics = {
             "step": step,
             "epoch": epoch + (index + 1) / per_epoch,
-            **{k: float(np.mean([w[k] for w in window])) for k in ("loss", "sd_loss", "clip_loss", "grad_norm")},
-            "lr": stats["lr"],
-            "samples_per_s": (step - tick_step) * cfg.batch_size / elapsed,
-            "data_wait_fraction": batches.take_wait() / elapsed,
+            **window.summary(step, ("loss", "sd_loss", "clip_loss", "grad_norm"), batches.take_wait()),
             "resumed_at": position["step"],
         }
-        window, tick, tick_step = [], time.perf_counter(), step
+        window.restart(step)
         _log(metrics, output, rank)
         if save:  # a Ray Train report is a barrier across workers: only with checkpoints
             report_checkpoint(metrics, model, optimizer, rank, cfg)
@@ -134,8 +119,7 @@ def _log(metrics: dict[str, float], output: Path, rank: int) -> None:
     """Rank 0 appends to metrics.jsonl and logs a line."""
     if rank != 0:
         return
-    with open(output / METRICS_FILE, "a") as f:
-        f.write(json.dumps(metrics) + "\n")
+    append_metrics(output, metrics)
     log.info(
         "step %d  epoch %.2f  loss %.4f (sd %.4f, clip %.4f)  lr %.2e  %.1f samples/s",
         metrics["step"],

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from dreamdiff.models.eeg_diffusion import EEGDiffusion
 from dreamdiff.train.checkpoint import unwrap
-from dreamdiff.train.msm_step import _autocast, _device_of
+from dreamdiff.train.device import autocast_for, device_of
 from dreamdiff.train.optim import build_optimizer, set_lr
 
 
@@ -87,7 +87,7 @@ def finetune_train_step(
     `generator` (on the device) fixes the timesteps and noise.
     """
     inner = unwrap(model)
-    device = _device_of(inner, device)
+    device = device_of(inner, device)
     eeg = batch["eeg"].to(device, non_blocking=True).float()  # cast after the copy: half the bytes
     latents = batch["latents"].to(device, non_blocking=True).float()
     clip_target = batch.get("clip_target")
@@ -101,7 +101,7 @@ def finetune_train_step(
     _check_batch(eeg, latents, clip_target, inner.spec.conditioner.clip_dim)
     set_lr(optimizer, lr)
     model.train()
-    with _autocast(device, autocast_dtype):
+    with autocast_for(device, autocast_dtype):
         sd_loss, clip_loss = model(
             eeg,
             latents,

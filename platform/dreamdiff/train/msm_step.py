@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from dreamdiff.models.msm import masked_mse, patchify, zero_channels
+from dreamdiff.train.device import autocast_for, device_of
 from dreamdiff.train.optim import set_lr
 
 MicroBatch = Tensor | Mapping[str, Tensor]
@@ -29,16 +30,6 @@ def _unpack(batch: MicroBatch, device: torch.device) -> tuple[Tensor, Tensor | N
     if channel_mask is not None:
         channel_mask = channel_mask.to(device, non_blocking=True).bool()
     return eeg, channel_mask
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
-    if dtype == torch.float16:
-        raise ValueError("autocast_dtype float16 needs loss scaling, which this step lacks; use bfloat16")
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
-def _device_of(model: nn.Module, device: torch.device | str | None) -> torch.device:
-    return torch.device(device) if device is not None else next(model.parameters()).device
 
 
 def msm_train_step(
@@ -61,7 +52,7 @@ def msm_train_step(
     """
     if not batches:
         raise ValueError("batches must hold at least one micro-batch")
-    device = _device_of(model, device)
+    device = device_of(model, device)
     set_lr(optimizer, lr)
     model.train()
     total = torch.zeros((), device=device)
@@ -69,7 +60,7 @@ def msm_train_step(
         eeg, channel_mask = _unpack(batch, device)
         last = i == len(batches) - 1
         with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-            with _autocast(device, autocast_dtype):
+            with autocast_for(device, autocast_dtype):
                 out = model(eeg, channel_mask=channel_mask, mask_ratio=mask_ratio, generator=generator)
             (out.loss / len(batches)).backward()
         total += out.loss.detach()
@@ -80,7 +71,6 @@ def msm_train_step(
     return {"loss": loss, "grad_norm": norm, "lr": lr}
 
 
-@torch.no_grad()
 @torch.no_grad()
 def msm_eval_loss(
     model: nn.Module,
@@ -93,12 +83,12 @@ def msm_eval_loss(
 ) -> float:
     """Reconstruction loss in eval mode. Pass a generator seeded the same way each time so that successive
     evaluations draw the same masks and their losses are comparable."""
-    device = _device_of(model, device)
+    device = device_of(model, device)
     was_training = model.training
     model.eval()
     try:
         eeg, channel_mask = _unpack(batch, device)
-        with _autocast(device, autocast_dtype):
+        with autocast_for(device, autocast_dtype):
             out = model(eeg, channel_mask=channel_mask, mask_ratio=mask_ratio, generator=generator)
         return out.loss.item()
     finally:
@@ -109,7 +99,7 @@ def msm_eval_loss(
 def zero_prediction_loss(model: nn.Module, batch: MicroBatch, *, generator: torch.Generator | None = None) -> float:
     """The masked loss of predicting all zeros on the same masks: the floor a model must get well below."""
     inner = getattr(model, "module", model)
-    device = _device_of(inner, None)
+    device = device_of(inner, None)
     eeg, channel_mask = _unpack(batch, device)
     out = inner(eeg, channel_mask=channel_mask, generator=generator)
     target = patchify(zero_channels(eeg, channel_mask), inner.cfg.patch_size)

@@ -9,10 +9,8 @@ context token, the embedding standardised per dimension, replaced by zeros with 
 embeddings are those the fine-tuning precomputed (train/precompute.py), so the base model and the CLIP loss share
 one CLIP space, as SD and CLIP ViT-L/14 do in the paper.
 
-Measured on the CPU demo (2-core build machine, 16 px, 10 classes): sampled from the true CLIP embedding of the
-120 held-out test stimuli, the images' 10-way top-1 is 0.69 after 300 steps of 16 (42 s, the demo's), 0.66 after
-200 of 32, 0.77 after 400 of 16, 0.80 after 400 of 32, 0.89 after 800 of 32 and 0.92 after 1,200 of 32. Plain torch, no
-Ray: the finetune driver runs `pretrain` in one Ray task.
+More steps and larger batches draw the stimuli better; the demo's settings trade that against its run time.
+Plain torch, no Ray: the finetune driver runs `pretrain` in one Ray task.
 """
 
 from __future__ import annotations

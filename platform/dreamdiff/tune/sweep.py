@@ -145,7 +145,7 @@ def param_space(cfg: SweepConfig) -> dict[str, Any]:
 
 # Workaround for Ray 2.60.0 (Train V2 under Tune): stopping a trial (ASHA) kills its Tune actor and, with it, its
 # TorchTrainer controller, but not the placement group of its workers: Ray's PlacementGroupCleaner watches the
-# controller through the State API, which a local Ray without the dashboard lacks (and here it left the group behind
+# controller through the State API, which a local Ray without the dashboard lacks (and the group can stay behind
 # even with the dashboard). The CPUs and GPUs the group holds then starve the next trials: the sweep hangs. So each
 # trial's controller writes its workers' placement group id into the trial folder (a Train WorkerGroupCallback:
 # internal API, but RunConfig(callbacks=...) takes it beside the public ones), and the sweep driver removes the
