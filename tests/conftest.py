@@ -1,4 +1,4 @@
-"""Shared test infrastructure: a real local Ray, run folders, and an offline MNE/MOABB home."""
+"""Shared test infrastructure: a real local Ray, run folders, an offline MNE/MOABB home and a tiny generator."""
 
 from __future__ import annotations
 
@@ -57,3 +57,42 @@ def run_dir(tmp_path: Path) -> Path:
     path = tmp_path / "run"
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Stable Diffusion folder: 8 px pixel space (no VAE), one cross-attention down block."""
+    import torch
+
+    from dreamdiff.models.diffusion import build_tiny_sd
+    from dreamdiff.models.diffusion_config import TinyDiffusionConfig
+
+    torch.manual_seed(0)
+    cfg = TinyDiffusionConfig(
+        sample_size=8, block_out_channels=[32, 32], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"]
+    )
+    return build_tiny_sd(cfg, tmp_path_factory.mktemp("sd") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_sd: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random, untrained generator on `tiny_sd` (tiny MSM encoder, cross-attention trainable) saved as a
+    checkpoint folder; read-only for the tests that share it."""
+    import torch
+
+    from dreamdiff.models.conditioner import ConditionerConfig
+    from dreamdiff.models.diffusion import load_sd_components
+    from dreamdiff.models.eeg_diffusion import GeneratorSpec, build_eeg_diffusion
+    from dreamdiff.models.generator import save_generator
+    from dreamdiff.models.msm import MSMConfig
+
+    spec = GeneratorSpec(
+        base_model=str(tiny_sd),
+        msm=MSMConfig(preset="tiny"),
+        conditioner=ConditionerConfig(context_dim=64, clip_dim=32),
+        trainable="cross_attention",
+        image_size=8,
+    )
+    torch.manual_seed(0)
+    model = build_eeg_diffusion(spec, load_sd_components(str(tiny_sd)))
+    return save_generator(model, spec, tmp_path_factory.mktemp("generator") / "generator")

@@ -12,8 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.conditioner import ConditionerConfig
-from dreamdiff.models.diffusion import build_tiny_sd, load_sd_components
-from dreamdiff.models.diffusion_config import TinyDiffusionConfig
+from dreamdiff.models.diffusion import load_sd_components
 from dreamdiff.models.eeg_diffusion import GeneratorSpec, build_eeg_diffusion
 from dreamdiff.models.generator import FORMAT_VERSION, SPEC_FILE, WEIGHTS_FILE, Generator, save_generator
 from dreamdiff.models.msm import MSMConfig, build_msm
@@ -23,18 +22,9 @@ from dreamdiff.train.finetune_step import build_finetune_optimizer, finetune_tra
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
 
-@pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    cfg = TinyDiffusionConfig(
-        sample_size=8, block_out_channels=[32, 32], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"]
-    )
-    return build_tiny_sd(cfg, tmp_path_factory.mktemp("sd") / "tiny")
-
-
-def _spec(sd_folder: Path, trainable: str = "cross_attention", cond_drop_prob: float = 0.0) -> GeneratorSpec:
+def _spec(tiny_sd: Path, trainable: str = "cross_attention", cond_drop_prob: float = 0.0) -> GeneratorSpec:
     return GeneratorSpec(
-        base_model=str(sd_folder),
+        base_model=str(tiny_sd),
         msm=MSMConfig(preset="tiny"),
         conditioner=ConditionerConfig(context_dim=64, clip_dim=32, cond_drop_prob=cond_drop_prob),
         trainable=trainable,
@@ -59,10 +49,10 @@ def _distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def trained(sd_folder: Path) -> Generator:
+def trained(tiny_sd: Path) -> Generator:
     """The whole UNet trained for a moment on 8 smooth images, so that samples are images rather than clamped
     noise and sampler comparisons mean something."""
-    gen = _generator(_spec(sd_folder, trainable="all"))
+    gen = _generator(_spec(tiny_sd, trainable="all"))
     g = torch.Generator().manual_seed(1)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 8), torch.linspace(-1, 1, 8), indexing="ij")
     colours = torch.rand(8, 3, 1, 1, generator=g) * 2 - 1
@@ -80,8 +70,8 @@ def trained(sd_folder: Path) -> Generator:
     return Generator(gen.model, gen.components)
 
 
-def test_checkpoint_holds_only_trained_tensors_and_round_trips_exactly(sd_folder: Path, tmp_path: Path) -> None:
-    gen = _generator(_spec(sd_folder))
+def test_checkpoint_holds_only_trained_tensors_and_round_trips_exactly(tiny_sd: Path, tmp_path: Path) -> None:
+    gen = _generator(_spec(tiny_sd))
     unet = dict(gen.model.unet.named_parameters())
     with torch.no_grad():  # stand-in for training: move every trained UNet tensor away from the base model
         for name in gen.model.unet_trainable:
@@ -95,17 +85,17 @@ def test_checkpoint_holds_only_trained_tensors_and_round_trips_exactly(sd_folder
     assert {k.split(".")[0] for k in tensors} == {"encoder", "conditioner", "clip_head", "unet"}
     meta = json.loads((folder / SPEC_FILE).read_text())
     assert meta["format_version"] == FORMAT_VERSION and meta["info"] == {"step": 7}
-    assert meta["spec"]["base_model"] == str(sd_folder.resolve()) and meta["spec"]["trainable"] == "cross_attention"
+    assert meta["spec"]["base_model"] == str(tiny_sd.resolve()) and meta["spec"]["trainable"] == "cross_attention"
 
     loaded = Generator.load(folder)
-    base = _generator(_spec(sd_folder))  # the same encoder init, the untouched base UNet
+    base = _generator(_spec(tiny_sd))  # the same encoder init, the untouched base UNet
     eeg = _eeg(2)
     images = gen.generate(eeg, num_images=2, steps=5, seed=3)
     assert np.array_equal(loaded.generate(eeg, num_images=2, steps=5, seed=3), images)
     assert not np.array_equal(base.generate(eeg, num_images=2, steps=5, seed=3), images)  # the deltas count
 
 
-def test_all_mode_saves_the_whole_unet_and_none_saves_none(trained: Generator, sd_folder: Path, tmp_path: Path) -> None:
+def test_all_mode_saves_the_whole_unet_and_none_saves_none(trained: Generator, tiny_sd: Path, tmp_path: Path) -> None:
     folder = save_generator(trained.model, trained.spec, tmp_path / "all")
     unet_keys = {k for k in load_file(str(folder / WEIGHTS_FILE)) if k.startswith("unet.")}
     assert unet_keys == {f"unet.{k}" for k in trained.model.unet.state_dict()}
@@ -116,7 +106,7 @@ def test_all_mode_saves_the_whole_unet_and_none_saves_none(trained: Generator, s
     autocast = Generator.load(folder, autocast_dtype=torch.bfloat16).generate(eeg, steps=5, seed=0)
     assert _distance(half, images) < 0.05 and _distance(autocast, images) < 0.05
 
-    frozen = _generator(_spec(sd_folder, trainable="none"))
+    frozen = _generator(_spec(tiny_sd, trainable="none"))
     folder = save_generator(frozen.model, frozen.spec, tmp_path / "none")
     assert not any(k.startswith("unet.") for k in load_file(str(folder / WEIGHTS_FILE)))
 
@@ -153,35 +143,35 @@ def test_dpm_solver_25_steps_matches_ddim_and_plms_250(trained: Generator) -> No
     assert _distance(fast, plms) < 0.05 * seeds_apart
 
 
-def test_guidance_needs_a_null_context(trained: Generator, sd_folder: Path) -> None:
+def test_guidance_needs_a_null_context(trained: Generator, tiny_sd: Path) -> None:
     with pytest.raises(DreamdiffError, match="guidance_scale=3.0 needs a null context"):
         trained.generate(_eeg(1), steps=2, guidance_scale=3.0, seed=0)
-    guided = _generator(_spec(sd_folder, cond_drop_prob=0.1))
+    guided = _generator(_spec(tiny_sd, cond_drop_prob=0.1))
     plain = guided.generate(_eeg(1), steps=5, seed=0)
     assert not np.array_equal(guided.generate(_eeg(1), steps=5, guidance_scale=3.0, seed=0), plain)
 
 
-def test_encoder_weights_come_from_an_msm_export(sd_folder: Path, tmp_path: Path) -> None:
+def test_encoder_weights_come_from_an_msm_export(tiny_sd: Path, tmp_path: Path) -> None:
     torch.manual_seed(5)
     msm = build_msm(MSMConfig(preset="tiny"))
     export = tmp_path / "msm.safetensors"
     save_file({k: v.contiguous() for k, v in msm.state_dict().items()}, str(export))
-    loaded = _generator(_spec(sd_folder), encoder_weights=export).model.encoder.state_dict()
-    scratch = _generator(_spec(sd_folder)).model.encoder.state_dict()
+    loaded = _generator(_spec(tiny_sd), encoder_weights=export).model.encoder.state_dict()
+    scratch = _generator(_spec(tiny_sd)).model.encoder.state_dict()
     for name, value in msm.encoder.state_dict().items():
         torch.testing.assert_close(loaded[name], value, rtol=0, atol=0)
     assert not torch.equal(scratch["blocks.0.attn.qkv.weight"], loaded["blocks.0.attn.qkv.weight"])
 
     save_file({"decoder.x": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(DreamdiffError, match="no 'encoder.\\*' tensors"):
-        _generator(_spec(sd_folder), encoder_weights=tmp_path / "bad.safetensors")
+        _generator(_spec(tiny_sd), encoder_weights=tmp_path / "bad.safetensors")
     small = build_msm(MSMConfig(preset="tiny", embed_dim=32))
     save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(tmp_path / "small.safetensors"))
     with pytest.raises(DreamdiffError, match="do not fit the spec's msm sizes"):
-        _generator(_spec(sd_folder), encoder_weights=tmp_path / "small.safetensors")
+        _generator(_spec(tiny_sd), encoder_weights=tmp_path / "small.safetensors")
 
 
-def test_bad_requests_are_named(trained: Generator, sd_folder: Path, tmp_path: Path) -> None:
+def test_bad_requests_are_named(trained: Generator, tiny_sd: Path, tmp_path: Path) -> None:
     with pytest.raises(DreamdiffError, match=r"eeg must be \[batch, 128, 512\]"):
         trained.generate(torch.zeros(1, 64, 512))
     with pytest.raises(DreamdiffError, match="NaN"):
@@ -192,9 +182,9 @@ def test_bad_requests_are_named(trained: Generator, sd_folder: Path, tmp_path: P
         trained.generate(_eeg(2), steps=2, seed=[1])
     with pytest.raises(DreamdiffError, match="sampler must be"):
         trained.generate(_eeg(1), steps=2, sampler="euler")
-    spec = _spec(sd_folder).model_copy(update={"conditioner": ConditionerConfig(context_dim=48)})
+    spec = _spec(tiny_sd).model_copy(update={"conditioner": ConditionerConfig(context_dim=48)})
     with pytest.raises(DreamdiffError, match="cross_attention_dim"):
-        build_eeg_diffusion(spec, load_sd_components(str(sd_folder)))
+        build_eeg_diffusion(spec, load_sd_components(str(tiny_sd)))
     folder = save_generator(trained.model, trained.spec, tmp_path / "gen")
     with pytest.raises(DreamdiffError, match="base_model"):
         Generator.load(folder, base_model=str(tmp_path / "nowhere"))
@@ -203,8 +193,8 @@ def test_bad_requests_are_named(trained: Generator, sd_folder: Path, tmp_path: P
         Generator.load(folder)
 
 
-def test_the_clip_target_centre_travels_with_the_checkpoint(sd_folder: Path, tmp_path: Path) -> None:
-    spec = _spec(sd_folder)
+def test_the_clip_target_centre_travels_with_the_checkpoint(tiny_sd: Path, tmp_path: Path) -> None:
+    spec = _spec(tiny_sd)
     spec = spec.model_copy(update={"conditioner": spec.conditioner.model_copy(update={"clip_center": True})})
     gen = _generator(spec)
     gen.model.clip_head.target_mean.copy_(torch.arange(32.0))

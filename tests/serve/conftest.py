@@ -1,4 +1,4 @@
-"""A tiny generator checkpoint and a running Serve app of it, shared by the serve tests."""
+"""A running Serve app of the tiny generator checkpoint (tests/conftest.py), shared by the serve tests."""
 
 from __future__ import annotations
 
@@ -8,36 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from dreamdiff.config import ServeConfig
-from dreamdiff.models.conditioner import ConditionerConfig
-from dreamdiff.models.diffusion import build_tiny_sd, load_sd_components
-from dreamdiff.models.diffusion_config import TinyDiffusionConfig
-from dreamdiff.models.eeg_diffusion import GeneratorSpec, build_eeg_diffusion
-from dreamdiff.models.generator import save_generator
-from dreamdiff.models.msm import MSMConfig
 
 TOKEN = "tiny-test-token"
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random tiny generator (8 px pixel-space SD, tiny MSM encoder) saved as a checkpoint folder."""
-    folder = tmp_path_factory.mktemp("serve-model")
-    torch.manual_seed(0)
-    sd_cfg = TinyDiffusionConfig(
-        sample_size=8, block_out_channels=[32, 32], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"]
-    )
-    sd = build_tiny_sd(sd_cfg, folder / "tiny-sd")
-    spec = GeneratorSpec(
-        base_model=str(sd),
-        msm=MSMConfig(preset="tiny"),
-        conditioner=ConditionerConfig(context_dim=64, clip_dim=32),
-        trainable="cross_attention",
-        image_size=8,
-    )
-    return save_generator(build_eeg_diffusion(spec, load_sd_components(str(sd))), spec, folder / "generator")
 
 
 @pytest.fixture
