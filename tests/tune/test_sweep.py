@@ -79,27 +79,32 @@ def _synth_eeg(cfg: synthetic.SynthConfig) -> tuple[np.ndarray, np.ndarray, np.n
 
 @pytest.mark.slow
 def test_probe_scores_a_pretrained_encoder_above_an_untrained_one() -> None:
-    """600 MSM steps on the unlabelled train-split windows lift the probe on held-out windows well above the same
-    encoder untrained (seeds 0-2 measured: +0.15, +0.19, +0.14 at 600 steps; +0.11 to +0.17 at 500)."""
+    """600 MSM steps on the unlabelled train-split windows lift the probe on held-out windows above the same encoder
+    untrained. One seed's gain varies with the library versions' numerics, so the gain is averaged over three."""
     eeg, labels, train = _synth_eeg(synthetic.SynthConfig(num_classes=10, images_per_class=40, image_size=16))
+    windows = torch.as_tensor(eeg[train]).float()
 
     def probe(encoder: torch.nn.Module) -> float:
         features = encoder_features(encoder, eeg)
         return linear_probe(features[train], labels[train], features[~train], labels[~train])
 
-    torch.manual_seed(0)
-    model = build_msm(MSMConfig(preset="tiny", mask_ratio=0.75))
-    untrained = probe(model.encoder)
-    optimizer = build_optimizer(model, 5e-3, (0.9, 0.95), 0.05)
-    windows, order = torch.as_tensor(eeg[train]).float(), torch.Generator().manual_seed(0)
-    for _ in range(600):
-        batch = windows[torch.randint(0, len(windows), (16,), generator=order)]
-        stats = msm_train_step(model, optimizer, [{"eeg": batch}], lr=5e-3, grad_clip=0.8, device=torch.device("cpu"))
-    trained = probe(model.encoder)
-    print(f"probe on SynthEEG held-out windows: untrained {untrained:.3f}, trained {trained:.3f}, chance 0.100")
-    assert stats["loss"] < 0.8  # it did learn to reconstruct (untrained: about 1.0)
-    assert trained > untrained + 0.08, (untrained, trained)
-    assert trained > 3 * 0.1  # 10 balanced classes
+    gains = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = build_msm(MSMConfig(preset="tiny", mask_ratio=0.75))
+        untrained = probe(model.encoder)
+        optimizer, order = build_optimizer(model, 5e-3, (0.9, 0.95), 0.05), torch.Generator().manual_seed(seed)
+        for _ in range(600):
+            batch = windows[torch.randint(0, len(windows), (16,), generator=order)]
+            stats = msm_train_step(
+                model, optimizer, [{"eeg": batch}], lr=5e-3, grad_clip=0.8, device=torch.device("cpu")
+            )
+        trained = probe(model.encoder)
+        print(f"seed {seed}: probe on SynthEEG held-out windows untrained {untrained:.3f}, trained {trained:.3f}")
+        assert stats["loss"] < 0.8  # it did learn to reconstruct (untrained: about 1.0)
+        assert trained > 3 * 0.1  # 10 balanced classes
+        gains.append(trained - untrained)
+    assert np.mean(gains) > 0.08, gains
 
 
 # ------------------------------------------------------------------------------ search space

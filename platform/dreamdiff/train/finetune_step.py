@@ -1,7 +1,7 @@
 """One fine-tuning step of DreamDiffusion (SD epsilon loss + CLIP alignment), as a plain function.
 
 The frozen models are NOT run here: a batch carries the VAE latents (or pixels, in pixel space) and the CLIP
-image embeddings of its images, computed once per image before training (DESIGN.md, stage 3). That is what
+image embeddings of its images, computed once per image before training (train/precompute.py). That is what
 saves per-step time against the reference code, which runs the VAE encoder and CLIP ViT-L/14 on every image
 of every step, although neither changes during training. (The VAE latent is then one fixed posterior
 sample, or its mean, per image instead of a fresh sample per step.)
