@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from dreamdiff.config import DemoConfig, FinetuneConfig, dump_config
-from dreamdiff.data import synthetic
+from dreamdiff.data import synthetic, synthetic_images
 from dreamdiff.report import image_grid, loss_curve, metric_curves, write_report
 from dreamdiff.train import finetune, finetune_loop, pretrain, tiny_sd_pretrain, worker
 from dreamdiff.tune import sweep
@@ -63,9 +63,9 @@ def _evaluation(folder: Path) -> dict[str, Any]:
 def _preprocess_section(cfg: DemoConfig, figures: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     synth = _synth_source(cfg)
     first = [k * synth.images_per_class for k in range(synth.num_classes)]
-    names = [f"{a['shape']}/{a['colour']}" for a in synthetic.class_attributes(synth)]
+    names = [f"{a['shape']}/{a['colour']}" for a in synthetic_images.class_attributes(synth)]
     classes = image_grid(
-        np.stack([synthetic.render_image(synth, i) for i in first]), names, figures / "synth-classes.png"
+        np.stack([synthetic_images.render_image(synth, i) for i in first]), names, figures / "synth-classes.png"
     )
     manifest = json.loads((Path(cfg.preprocess.output) / "manifest.json").read_text())
     per_dataset: dict[str, dict[str, Any]] = {}

@@ -14,15 +14,14 @@ from sklearn.preprocessing import StandardScaler
 from dreamdiff.data.synthetic import (
     FEATURE_NAMES,
     SynthConfig,
-    class_attributes,
     electrode_positions,
     generate_subject,
     generate_unlabeled,
     image_class,
     image_features,
     image_split,
-    render_image,
 )
+from dreamdiff.data.synthetic_images import class_attributes, render_image
 
 SMALL = SynthConfig(num_classes=3, images_per_class=4, repeats=2, image_size=16)
 

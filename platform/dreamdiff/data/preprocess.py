@@ -36,7 +36,7 @@ from dreamdiff.config import (
     SynthSource,
     record_config,
 )
-from dreamdiff.data import imagenet_eeg, moabb_source, signal, synthetic
+from dreamdiff.data import imagenet_eeg, moabb_source, signal, synthetic, synthetic_images
 from dreamdiff.data.schema import DONE, epoch_schema, paired_schema, to_table
 from dreamdiff.errors import DreamdiffError
 
@@ -173,10 +173,10 @@ def _synth_rows(task: SubjectTask, source: SynthSource, sig: SignalSection, info
         return
     trials = synthetic.generate_subject(cfg, task.subject)
     eeg, info["h_freq_used"] = _filter_and_normalise(trials["eeg"], cfg.sfreq, sig)
-    names = [f"{a['shape']}-{a['colour']}-{a['texture']}" for a in synthetic.class_attributes(cfg)]
+    names = [f"{a['shape']}-{a['colour']}-{a['texture']}" for a in synthetic_images.class_attributes(cfg)]
     start = trials["trial"] * cfg.num_samples
     cols = _epoch_columns(task, eeg, full_mask, "0", "0", start, cfg.sfreq, cfg.num_channels)
-    images = {i: _png(synthetic.render_image(cfg, int(i))) for i in np.unique(trials["image_index"])}
+    images = {i: _png(synthetic_images.render_image(cfg, int(i))) for i in np.unique(trials["image_index"])}
     cols.update(
         image=[images[i] for i in trials["image_index"]],
         image_id=[f"synth-{i:05d}" for i in trials["image_index"]],

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from dreamdiff.data.synthetic import SynthConfig, image_class, image_split, render_image
+from dreamdiff.data.synthetic import SynthConfig, image_class, image_split
+from dreamdiff.data.synthetic_images import render_image
 from dreamdiff.errors import DreamdiffError
 
 VIT_H14_SWAG = "vit_h_14_swag"

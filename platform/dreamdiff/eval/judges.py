@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from dreamdiff.config import EvaluateConfig, read_yaml, validate_config
-from dreamdiff.data.synthetic import SynthConfig, render_image
+from dreamdiff.data.synthetic import SynthConfig
+from dreamdiff.data.synthetic_images import render_image
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.eval.classifier import (
     VIT_H14_SWAG,
