@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from dreamdiff.cli import build_parser, main
-from dreamdiff.config import STAGES, StrictModel, load_config
+from dreamdiff.config import STAGES, load_config
+from dreamdiff.configbase import StrictModel
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

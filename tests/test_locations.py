@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from dreamdiff.cli import main
-from dreamdiff.config import TRIAL_OUTPUT, LocalPath, Location, ModelRef, PathKind, StrictModel, load_config
+from dreamdiff.config import TRIAL_OUTPUT, LocalPath, Location, ModelRef, PathKind, load_config
+from dreamdiff.configbase import StrictModel
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.locations import check_locations, path_fields
 

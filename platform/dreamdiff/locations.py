@@ -1,7 +1,7 @@
 """The path fields of a config, found by their type, and the URI check every stage gets from the CLI.
 
 A config field that names a file or folder is typed `Location` (read or written through dreamdiff.storage: a local
-path or a URI), `LocalPath` or `ModelRef` (dreamdiff.config.base). `path_fields` walks a config and yields every
+path or a URI), `LocalPath` or `ModelRef` (dreamdiff.config.paths). `path_fields` walks a config and yields every
 such field that is set, so whatever handles paths (this check, the demo's run folder, Serve's replicas) needs no
 list of names. A remote URI is taken only by a `Location` of the stage being run: where a stage's config sits
 inside another's (the sweep's base, the demo's sections), the outer stage reads and writes those paths locally.
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from dreamdiff.config.base import PathKind, path_kind
+from dreamdiff.config.paths import PathKind, path_kind
 from dreamdiff.config.stages import STAGES
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.storage import REMOTE_SCHEMES, normalise, scheme

@@ -1,6 +1,6 @@
 """Typed stage configs: one pydantic schema per stage, the stage registry, and the YAML loader.
 
-- ``base``: StrictModel (every config section) and the path field types (Location, LocalPath, ModelRef);
+- ``paths``: the path field types (Location, LocalPath, ModelRef), found by type wherever paths are handled;
 - ``common``: sections several stages share (Ray, scaling, checkpoints, optimiser, augmentation);
 - one module per stage schema (``preprocess``, ``pretrain``, ``finetune``, ``sweep``, ``serve``, ``generate``,
   ``evaluate``, ``demo``);
@@ -8,64 +8,92 @@
   checks derive from;
 - ``loader``: YAML, dotted overrides, validation and one-line errors; ``record``: a run folder's config.yaml.
 
-``from dreamdiff.config import PretrainConfig, load_config`` works for every name below. The names load on first
-use: model sub-configs (dreamdiff.models) derive from ``dreamdiff.config.base``, and the stage schemas import
-those models, so importing this package must not import the schemas.
+Every config model derives from dreamdiff.configbase.StrictModel, as do the model sub-configs beside their models.
 """
 
-from __future__ import annotations
+from dreamdiff.config.common import AugmentSection, CheckpointSection, OptimSection, RayInitConfig, ScalingSection
+from dreamdiff.config.demo import DemoConfig
+from dreamdiff.config.evaluate import EvaluateConfig
+from dreamdiff.config.finetune import FinetuneConfig, PrecomputeSection, PreviewSection, TinySDPretrainSection
+from dreamdiff.config.generate import GenerateConfig
+from dreamdiff.config.loader import (
+    REPO_CONFIGS,
+    ConfigError,
+    apply_overrides,
+    dump_config,
+    load_config,
+    read_yaml,
+    resolve_config_path,
+    validate_config,
+)
+from dreamdiff.config.paths import LocalPath, Location, ModelRef, PathKind, path_kind
+from dreamdiff.config.preprocess import (
+    FakeMOABBSection,
+    ImageNetEEGSource,
+    MOABBSource,
+    PreprocessConfig,
+    SignalSection,
+    Source,
+    SynthSource,
+)
+from dreamdiff.config.pretrain import PretrainConfig
+from dreamdiff.config.record import record_config
+from dreamdiff.config.serve import (
+    ServeAuthSection,
+    ServeAutoscalingSection,
+    ServeBatchingSection,
+    ServeConfig,
+    ServeDefaultsSection,
+    ServeEEGSection,
+    ServeLimitsSection,
+)
+from dreamdiff.config.stages import STAGES, Stage
+from dreamdiff.config.sweep import TRIAL_OUTPUT, SweepConfig
 
-import importlib
-from typing import Any
-
-_EXPORTS: dict[str, tuple[str, ...]] = {
-    "base": ("StrictModel", "PathKind", "Location", "LocalPath", "ModelRef", "path_kind"),
-    "common": ("RayInitConfig", "ScalingSection", "CheckpointSection", "OptimSection", "AugmentSection"),
-    "preprocess": (
-        "PreprocessConfig",
-        "SignalSection",
-        "FakeMOABBSection",
-        "MOABBSource",
-        "SynthSource",
-        "ImageNetEEGSource",
-        "Source",
-    ),
-    "pretrain": ("PretrainConfig",),
-    "finetune": ("FinetuneConfig", "PrecomputeSection", "PreviewSection", "TinySDPretrainSection"),
-    "sweep": ("SweepConfig", "TRIAL_OUTPUT"),
-    "serve": (
-        "ServeConfig",
-        "ServeAutoscalingSection",
-        "ServeBatchingSection",
-        "ServeDefaultsSection",
-        "ServeLimitsSection",
-        "ServeEEGSection",
-        "ServeAuthSection",
-    ),
-    "generate": ("GenerateConfig",),
-    "evaluate": ("EvaluateConfig",),
-    "demo": ("DemoConfig",),
-    "stages": ("Stage", "STAGES"),
-    "loader": (
-        "REPO_CONFIGS",
-        "ConfigError",
-        "resolve_config_path",
-        "read_yaml",
-        "apply_overrides",
-        "validate_config",
-        "load_config",
-        "dump_config",
-    ),
-    "record": ("record_config",),
-}
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = list(_MODULE_OF)
-
-
-def __getattr__(name: str) -> Any:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__all__ = [
+    "PathKind",
+    "Location",
+    "LocalPath",
+    "ModelRef",
+    "path_kind",
+    "RayInitConfig",
+    "ScalingSection",
+    "CheckpointSection",
+    "OptimSection",
+    "AugmentSection",
+    "PreprocessConfig",
+    "SignalSection",
+    "FakeMOABBSection",
+    "MOABBSource",
+    "SynthSource",
+    "ImageNetEEGSource",
+    "Source",
+    "PretrainConfig",
+    "FinetuneConfig",
+    "PrecomputeSection",
+    "PreviewSection",
+    "TinySDPretrainSection",
+    "SweepConfig",
+    "TRIAL_OUTPUT",
+    "ServeConfig",
+    "ServeAutoscalingSection",
+    "ServeBatchingSection",
+    "ServeDefaultsSection",
+    "ServeLimitsSection",
+    "ServeEEGSection",
+    "ServeAuthSection",
+    "GenerateConfig",
+    "EvaluateConfig",
+    "DemoConfig",
+    "Stage",
+    "STAGES",
+    "REPO_CONFIGS",
+    "ConfigError",
+    "resolve_config_path",
+    "read_yaml",
+    "apply_overrides",
+    "validate_config",
+    "load_config",
+    "dump_config",
+    "record_config",
+]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from dreamdiff.config.base import StrictModel
+from dreamdiff.configbase import StrictModel
 
 
 class RayInitConfig(StrictModel):

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from dreamdiff.config.base import LocalPath, StrictModel
 from dreamdiff.config.common import RayInitConfig
 from dreamdiff.config.evaluate import EvaluateConfig
 from dreamdiff.config.finetune import FinetuneConfig
 from dreamdiff.config.generate import GenerateConfig
+from dreamdiff.config.paths import LocalPath
 from dreamdiff.config.preprocess import PreprocessConfig
 from dreamdiff.config.pretrain import PretrainConfig
 from dreamdiff.config.serve import ServeConfig
 from dreamdiff.config.sweep import SweepConfig
+from dreamdiff.configbase import StrictModel
 
 
 class DemoConfig(StrictModel):

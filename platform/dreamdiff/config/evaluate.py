@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from dreamdiff.config.base import LocalPath, ModelRef, StrictModel
+from dreamdiff.config.paths import LocalPath, ModelRef
+from dreamdiff.configbase import StrictModel
 from dreamdiff.models.sampling import COMPILE_SAMPLING_HELP, Compile, Sampler
 
 

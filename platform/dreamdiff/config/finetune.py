@@ -6,8 +6,9 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from dreamdiff.config.base import LocalPath, ModelRef, StrictModel
 from dreamdiff.config.common import AugmentSection, CheckpointSection, OptimSection, RayInitConfig, ScalingSection
+from dreamdiff.config.paths import LocalPath, ModelRef
+from dreamdiff.configbase import StrictModel
 from dreamdiff.models.conditioner import ConditionerConfig
 from dreamdiff.models.diffusion_config import TinyDiffusionConfig
 from dreamdiff.models.msm import MSMConfig

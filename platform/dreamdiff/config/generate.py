@@ -6,8 +6,9 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from dreamdiff.config.base import LocalPath, StrictModel
 from dreamdiff.config.common import RayInitConfig
+from dreamdiff.config.paths import LocalPath
+from dreamdiff.configbase import StrictModel
 from dreamdiff.models.sampling import COMPILE_SAMPLING_HELP, Compile, Sampler
 
 

@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from dreamdiff.config.base import StrictModel
 from dreamdiff.config.stages import STAGES
+from dreamdiff.configbase import StrictModel
 from dreamdiff.errors import DreamdiffError
 
 REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs"

@@ -6,8 +6,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from dreamdiff.config.base import LocalPath, Location, StrictModel
 from dreamdiff.config.common import RayInitConfig
+from dreamdiff.config.paths import LocalPath, Location
+from dreamdiff.configbase import StrictModel
 from dreamdiff.data.synthetic import SynthConfig
 
 

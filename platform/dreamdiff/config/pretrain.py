@@ -6,8 +6,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from dreamdiff.config.base import LocalPath, Location, StrictModel
 from dreamdiff.config.common import AugmentSection, CheckpointSection, OptimSection, RayInitConfig, ScalingSection
+from dreamdiff.config.paths import LocalPath, Location
+from dreamdiff.configbase import StrictModel
 from dreamdiff.models.msm import MSMConfig
 
 

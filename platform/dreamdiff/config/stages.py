@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dreamdiff.config.base import StrictModel
 from dreamdiff.config.demo import DemoConfig
 from dreamdiff.config.evaluate import EvaluateConfig
 from dreamdiff.config.finetune import FinetuneConfig
@@ -20,6 +19,7 @@ from dreamdiff.config.preprocess import PreprocessConfig
 from dreamdiff.config.pretrain import PretrainConfig
 from dreamdiff.config.serve import ServeConfig
 from dreamdiff.config.sweep import SweepConfig
+from dreamdiff.configbase import StrictModel
 
 
 @dataclass(frozen=True)

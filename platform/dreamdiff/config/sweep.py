@@ -6,9 +6,10 @@ from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from dreamdiff.config.base import LocalPath, StrictModel
 from dreamdiff.config.common import RayInitConfig
+from dreamdiff.config.paths import LocalPath
 from dreamdiff.config.pretrain import PretrainConfig
+from dreamdiff.configbase import StrictModel
 
 # base.output as the sweep records it: each trial writes to its own folder instead
 TRIAL_OUTPUT = "(per trial: <sweep output>/trials/<trial id>)"

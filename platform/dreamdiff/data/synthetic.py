@@ -76,7 +76,7 @@ from functools import lru_cache
 import numpy as np
 from pydantic import Field, model_validator
 
-from dreamdiff.config.base import StrictModel
+from dreamdiff.configbase import StrictModel
 
 FEATURE_NAMES = ("hue_shift", "scale", "x", "y", "rotation", "texture_freq", "background")
 

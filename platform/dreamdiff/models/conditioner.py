@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from dreamdiff.config.base import StrictModel
+from dreamdiff.configbase import StrictModel
 
 
 class ConditionerConfig(StrictModel):

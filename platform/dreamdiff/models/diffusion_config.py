@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from dreamdiff.config.base import StrictModel
+from dreamdiff.configbase import StrictModel
 
 
 class TinyDiffusionConfig(StrictModel):

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from dreamdiff.config.base import StrictModel
+from dreamdiff.configbase import StrictModel
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.conditioner import ClipHead, ConditionerConfig, EEGConditioner, clip_alignment_loss
 from dreamdiff.models.diffusion import SDComponents, compile_sd, diffusion_loss, select_trainable

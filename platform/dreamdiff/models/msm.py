@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from dreamdiff.config.base import StrictModel
+from dreamdiff.configbase import StrictModel
 
 _SIZE_FIELDS = (
     "embed_dim",

@@ -1,9 +1,8 @@
-"""The base of every config model, and the types of its path fields.
+"""The types of a config's path fields.
 
-Configs are data: pydantic models that reject unknown keys and wrong types, so a typo in a YAML file fails at
-load time with the key named, not hours into a run. A field that names a file or folder is typed with one of the
-path types below, so the code that handles paths (the URI check, the demo's run folder, Serve's replicas) finds
-such fields by their type instead of by a list of names.
+A field that names a file or folder is typed with one of the path types below, so the code that handles paths
+(the URI check, the demo's run folder, Serve's replicas) finds such fields by their type instead of by a list of
+names.
 """
 
 from __future__ import annotations
@@ -12,14 +11,7 @@ import types
 from enum import Enum
 from typing import Annotated, Any, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict
 from pydantic.fields import FieldInfo
-
-
-class StrictModel(BaseModel):
-    """A config section: unknown keys are errors, values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
 class PathKind(Enum):
