@@ -137,3 +137,37 @@ def test_the_ingress_module_does_not_import_diffusers() -> None:
 
     code = "import sys, dreamdiff.serve.app; print('diffusers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+@pytest.mark.parametrize("sfreq", [1e-4, 1e-6, 5e-324, 0.2, 300_000.0])
+def test_a_tiny_request_with_an_absurd_rate_is_refused_before_any_work(sfreq: float) -> None:
+    # 1 channel x 64 samples (about 1.5 KB as JSON): resampling it from a rate near zero would grow it a
+    # millionfold, so the rate and the length it would give are checked before any resampling
+    import time
+    import tracemalloc
+
+    body = json.dumps({"eeg": [[float(i % 7) for i in range(64)]], "sfreq": sfreq}).encode()
+    assert len(body) < 2000
+    tracemalloc.start()
+    began = time.process_time()
+    try:
+        message = _refused(lambda: resolve(*parse_json(body), CFG, MODEL), 422, "sfreq")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.process_time() - began < 1.0 and peak < 20 * 2**20, (peak, message)
+    assert "sfreq" in message
+
+
+def test_the_resampled_length_is_checked_before_resampling_and_only_the_read_part_is_resampled() -> None:
+    short = _eeg(channels=2, samples=100)  # 100 samples at 1000 Hz are 25 at the model's 250 Hz
+    message = _refused(lambda: resolve(short, parse_npy(_npy(short), {"sfreq": "1000"})[1], CFG, MODEL), 422, "eeg")
+    assert "25 at the model's 250 Hz" in message
+    for sfreq, samples in [(1000.0, 16384), (160.0, 2000), (2500.0 / 999, 64), (512.0, 5000)]:
+        x = _eeg(channels=3, samples=samples, seed=samples)
+        item = resolve(x, parse_npy(_npy(x), {"sfreq": str(sfreq)})[1], CFG, MODEL)
+        full = resample(x, sfreq, 250.0)  # the whole EEG resampled, then its first window (or stretched)
+        fitted = full[:, :512] if full.shape[1] >= 512 else crop_and_interpolate(full, 0, full.shape[1], 512)
+        expected = normalise(fitted[None], "zscore", clip=20.0)[0]
+        np.testing.assert_allclose(item.eeg[:3], expected, rtol=1e-5, atol=1e-5)
+        assert f"({samples} -> {full.shape[1]} samples)" in item.eeg_report["applied"][0]

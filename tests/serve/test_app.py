@@ -116,7 +116,7 @@ def test_other_channel_counts_and_lengths_are_harmonised(client: ServeClient, ma
     assert _pixels(result.images[0]).shape == (8, 8, 3)
 
 
-def test_health_model_and_openapi(url: str, client: ServeClient) -> None:
+def test_health_model_and_openapi(url: str, client: ServeClient, serve_app: ServeConfig) -> None:
     assert requests.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}  # open without a token
     closed = requests.get(f"{url}/v1/model", timeout=30)
     assert closed.status_code == 401 and closed.json()["field"] == "Authorization"
@@ -130,10 +130,16 @@ def test_health_model_and_openapi(url: str, client: ServeClient) -> None:
     assert {"application/json", "application/x-npy"} <= set(generate["requestBody"]["content"])
     assert {"200", "400", "401", "406", "413", "415", "422", "503"} <= set(generate["responses"])
     assert "image/png" in generate["responses"]["200"]["content"]
-    assert {p["name"] for p in generate["parameters"]} >= {"num_images", "seed", "steps", "sfreq"}
+    npy_query = generate["requestBody"]["content"]["application/x-npy"]["x-query-parameters"]
+    assert {p["name"] for p in npy_query} >= {"num_images", "seed", "steps", "sfreq"} and not generate.get("parameters")
+    body = generate["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert body["num_images"]["anyOf"][0]["maximum"] == serve_app.limits.max_images_per_request
+    assert body["eeg"]["maxItems"] == serve_app.limits.max_channels and body["eeg"]["minItems"] == 1
+    assert body["eeg"]["items"]["minItems"] == serve_app.limits.min_samples
+    assert body["guidance_scale"]["anyOf"][0]["maximum"] == 1.0  # this model has no null context
     assert {"/healthz", "/v1/model"} <= set(schema["paths"])
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
-    assert set(schema["components"]["schemas"]["ErrorResponse"]["properties"]) == {"error", "field"}
+    assert set(schema["components"]["schemas"]["ErrorResponse"]["properties"]) == {"error", "field", "request_id"}
 
 
 # ------------------------------------------------------------------------------------------ fuzz
@@ -313,9 +319,66 @@ def test_fuzz_gets_only_4xx_json_errors_naming_the_field(
 
 def test_unknown_paths_and_methods_answer_json(url: str, token: str) -> None:
     missing = requests.get(f"{url}/v2/generate", timeout=30)
-    assert missing.status_code == 404 and missing.json() == {"error": "Not Found", "field": None}
+    assert missing.status_code == 404
+    assert missing.json() == {"error": "Not Found", "field": None, "request_id": missing.headers["X-Request-ID"]}
     method = requests.get(f"{url}/v1/generate", headers=_auth(token), timeout=30)
     assert method.status_code == 405 and method.json()["field"] is None
+    assert method.headers["Allow"] == "POST"  # RFC 9110: a 405 lists the allowed methods
+
+
+def test_a_large_body_sent_whole_before_reading_gets_the_413(url: str, token: str) -> None:
+    # urllib sends the whole body before it reads the answer: a server that answers early and closes with the
+    # body unread resets the connection, and the client never sees the 413
+    import urllib.error
+    import urllib.request
+
+    body = b"0" * (32 * 2**20)  # a smaller body fits the socket buffers, and even an early close reads it
+    request = urllib.request.Request(
+        f"{url}/v1/generate", data=body, method="POST", headers={**_auth(token), "Content-Type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=60)
+    assert err.value.code == 413
+    answer = json.loads(err.value.read())
+    assert answer["field"] == "body" and answer["request_id"] == err.value.headers["X-Request-ID"]
+
+
+def test_error_bodies_carry_a_request_id_and_no_internals(url: str, token: str, serve_app: ServeConfig) -> None:
+    from ray import serve
+
+    from dreamdiff.serve.app import Ingress
+
+    sent = requests.post(
+        f"{url}/v1/generate", json={"eeg": 1}, headers={**_auth(token), "X-Request-ID": "trace-42"}, timeout=60
+    )
+    assert sent.status_code == 422 and sent.json()["request_id"] == "trace-42"  # a sane client id is honoured
+    assert sent.headers["X-Request-ID"] == "trace-42"
+    own = requests.post(
+        f"{url}/v1/generate", json={"eeg": 1}, headers={**_auth(token), "X-Request-ID": "a b\t{}"}, timeout=60
+    )
+    assert own.json()["request_id"] not in ("a b\t{}", None) and len(own.json()["request_id"]) == 32
+    assert own.json()["request_id"] in own.headers["X-Request-ID"]  # beside the proxy's copy of the client's
+
+    @serve.deployment
+    class BrokenGenerator:
+        """A generator whose calls fail: Ray's error text names the process, node and actor."""
+
+        def info(self) -> None:
+            raise RuntimeError("the generator is broken")
+
+    app = Ingress.options(name="broken-ingress").bind(BrokenGenerator.bind(), serve_app.model_dump(mode="json"))
+    serve.run(app, name="broken", route_prefix="/broken")
+    try:
+        answer = requests.post(
+            f"{url}/broken/v1/generate", json={"eeg": [[1.0] * 64]}, headers=_auth(token), timeout=60
+        )
+    finally:
+        serve.delete("broken")
+    body = answer.json()
+    assert answer.status_code == 503 and set(body) == {"error", "field", "request_id"}, body
+    assert body["request_id"] == answer.headers["X-Request-ID"]
+    for internal in ("pid", "127.0.0.1", "actor", "namespace", "RuntimeError", "ray::", "Ray"):
+        assert internal not in body["error"], body
 
 
 # ------------------------------------------------------------------------------------------ load

@@ -71,6 +71,13 @@ class ServeLimitsSection(StrictModel):
     max_steps: int = Field(default=100, ge=1)
     max_guidance_scale: float = Field(default=20.0, ge=1.0)
     max_body_bytes: int = Field(default=8 * 2**20, ge=1024, description="request body size limit")
+    discard_bytes: int = Field(
+        default=64 * 2**20,
+        ge=0,
+        description="before an early error answer (413, 401, 415, ...) up to this much of the unread body is read "
+        "and dropped, so that clients which send the whole body before reading the answer (urllib, proxies) get it "
+        "instead of a connection reset; larger bodies are cut off",
+    )
     max_channels: int = Field(default=512, ge=1)
     min_samples: int = Field(default=64, ge=2, description="shorter EEG is refused")
     max_samples: int = Field(default=16384, ge=2)

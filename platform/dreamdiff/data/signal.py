@@ -9,6 +9,7 @@ one implementation.
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 from typing import TYPE_CHECKING, Literal
 
@@ -61,31 +62,59 @@ def bandpass(
     return y, h_used
 
 
-def _resample_ratio(sfreq: float, target_sfreq: float) -> Fraction:
-    """up/down with small integers: polyphase cost grows with max(up, down)."""
-    if sfreq <= 0 or target_sfreq <= 0:
-        raise SignalError(f"sfreq and target_sfreq must be > 0 Hz, got {sfreq} and {target_sfreq}")
-    return Fraction(target_sfreq / sfreq).limit_denominator(1000)
+#: Largest term of the resampling fraction up/down: polyphase filtering builds a filter of
+#: about 20 * max(up, down) taps, so the terms bound its cost (and ratios to 1000x either way).
+MAX_RESAMPLE_TERM = 1000
+
+
+def resample_factors(sfreq: float, target_sfreq: float) -> tuple[int, int]:
+    """(up, down): the fraction ``resample`` uses for ``target_sfreq / sfreq``, both terms <= MAX_RESAMPLE_TERM.
+
+    Exact for every common EEG rate pair; other ratios are approximated by the nearest fraction with
+    small terms. Ratios beyond MAX_RESAMPLE_TERM either way (and non-finite or non-positive rates) are
+    refused, so that neither the filter nor the output can grow without bound.
+    """
+    if not (math.isfinite(sfreq) and math.isfinite(target_sfreq) and sfreq > 0 and target_sfreq > 0):
+        raise SignalError(f"sfreq and target_sfreq must be finite and > 0 Hz, got {sfreq} and {target_sfreq}")
+    ratio = target_sfreq / sfreq
+    if not 1 / MAX_RESAMPLE_TERM <= ratio <= MAX_RESAMPLE_TERM:
+        raise SignalError(
+            f"resampling {sfreq:g} Hz -> {target_sfreq:g} Hz changes the rate {ratio:.3g}-fold; at most "
+            f"{MAX_RESAMPLE_TERM}-fold either way is supported"
+        )
+    if ratio <= 1:
+        frac = Fraction(ratio).limit_denominator(MAX_RESAMPLE_TERM)
+    else:  # bound the numerator instead: limit_denominator alone lets it grow with the ratio
+        frac = 1 / Fraction(1 / ratio).limit_denominator(MAX_RESAMPLE_TERM)
+    return frac.numerator, frac.denominator
 
 
 def resampled_rate(sfreq: float, target_sfreq: float) -> float:
     """The rate ``resample`` actually delivers (equal to the target unless it is irrational-ish)."""
-    return float(sfreq * _resample_ratio(sfreq, target_sfreq))
+    up, down = resample_factors(sfreq, target_sfreq)
+    return float(sfreq * Fraction(up, down))
+
+
+def resampled_length(n_samples: int, sfreq: float, target_sfreq: float) -> int:
+    """Samples that ``resample`` returns for ``n_samples``, computed without resampling: ceil(n * up / down)."""
+    up, down = resample_factors(sfreq, target_sfreq)
+    return -(-n_samples * up // down)
 
 
 def resample(x: np.ndarray, sfreq: float, target_sfreq: float) -> np.ndarray:
     """Polyphase resampling along the last axis (``scipy.signal.resample_poly``).
 
-    The ratio is approximated by a fraction with denominator <= 1000 (exact for every common
-    EEG rate); ``resampled_rate`` gives the rate obtained. Polyphase filtering applies its own
+    The ratio is approximated by a fraction with both terms <= MAX_RESAMPLE_TERM (exact for
+    every common EEG rate; see ``resample_factors``); ``resampled_rate`` gives the rate
+    obtained and ``resampled_length`` the output length. Polyphase filtering applies its own
     anti-alias low-pass and, unlike FFT resampling, assumes no periodicity; edges are padded
     with zeros, right for band-passed (zero-mean) EEG. Returns ``x`` itself when the rates
     are equal.
     """
-    ratio = _resample_ratio(sfreq, target_sfreq)
-    if ratio == 1:
+    up, down = resample_factors(sfreq, target_sfreq)
+    if up == down:
         return x
-    return sps.resample_poly(x, ratio.numerator, ratio.denominator, axis=-1)
+    return sps.resample_poly(x, up, down, axis=-1)
 
 
 def window(x: np.ndarray, size: int = 512, stride: int = 512) -> tuple[np.ndarray, np.ndarray]:

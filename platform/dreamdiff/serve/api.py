@@ -10,6 +10,7 @@ rate when the request states its own, windowed to the model's length when longer
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -21,13 +22,26 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dreamdiff.config import ServeConfig
-from dreamdiff.data.signal import SignalError, crop_and_interpolate, normalise, resample, tile_channels, window
+from dreamdiff.data.signal import (
+    MAX_RESAMPLE_TERM,
+    SignalError,
+    crop_and_interpolate,
+    normalise,
+    resample,
+    resample_factors,
+    resampled_length,
+    tile_channels,
+    window,
+)
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.sampling import Sampler
 
 API_VERSION = "v1"
 NPY_TYPES = ("application/x-npy", "application/octet-stream")
 MAX_SEED = 2**63 - 1
+#: Bounds of a request's stated sampling rate (Hz): EEG is not recorded outside them, and each bound keeps the
+#: resampled length of an accepted EEG a small multiple of its own (see `_to_model_rate`).
+MIN_SFREQ = 1.0
 MAX_SFREQ = 100_000.0
 
 
@@ -40,8 +54,9 @@ class RequestError(DreamdiffError):
         self.message = message
         self.field = field
 
-    def body(self) -> dict[str, Any]:
-        return {"error": self.message, "field": self.field}
+    def body(self, request_id: str | None = None) -> dict[str, Any]:
+        """The answer's JSON (ErrorResponse): the message and field, plus the request id the server logged it under."""
+        return {"error": self.message, "field": self.field, "request_id": request_id}
 
 
 # ------------------------------------------------------------------------------------------- wire models
@@ -66,7 +81,10 @@ class GenerateParams(BaseModel):
     )
     size: int | None = Field(default=None, ge=1, description="image side in pixels; must be the model's")
     sfreq: float | None = Field(
-        default=None, gt=0, le=MAX_SFREQ, description="sampling rate of the EEG (Hz): resampled to the model's"
+        default=None,
+        ge=MIN_SFREQ,
+        le=MAX_SFREQ,
+        description="sampling rate of the EEG (Hz): resampled to the model's (needs the server's eeg.sfreq)",
     )
 
 
@@ -77,10 +95,12 @@ class GenerateRequest(GenerateParams):
 
 
 class ErrorResponse(BaseModel):
-    """Every error answer: what is wrong, and the request field at fault (null: the request as a whole)."""
+    """Every error answer: what is wrong, the request field at fault (null: the request as a whole), and the id
+    the server logged the request under (also the X-Request-ID header). Never internal detail: that is logged."""
 
     error: str
     field: str | None = None
+    request_id: str | None = Field(default=None, description="quote it when reporting a problem")
 
 
 class ImageOut(BaseModel):
@@ -205,6 +225,10 @@ def parse_json(body: bytes) -> tuple[np.ndarray, GenerateParams]:
     if "eeg" not in data:
         raise RequestError(422, "eeg is missing: give one EEG as [channels][samples]", "eeg")
     eeg = _json_eeg(data.pop("eeg"))
+    for name in ("num_images", "seed", "steps", "size"):  # JSON Schema counts 3.0 as an integer: so do we
+        value = data.get(name)
+        if type(value) is float and value.is_integer():
+            data[name] = int(value)
     return eeg, _params(data, strict=True)
 
 
@@ -256,8 +280,16 @@ def resolve(eeg: np.ndarray, params: GenerateParams, cfg: ServeConfig, model: Mo
 def harmonise(
     eeg: np.ndarray, sfreq: float | None, cfg: ServeConfig, model: ModelShape
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """EEG [C, T] as received -> (float32 [model channels, model samples], channel mask, what was done)."""
+    """EEG [C, T] as received -> (float32 [model channels, model samples], channel mask, what was done).
+
+    Every cheap property (dtype, shape, sizes, values, the rate and the length resampling would give) is checked
+    before any work whose cost grows with them, so a small request cannot make the server allocate or compute
+    much before it is refused.
+    """
     lim = cfg.limits
+    if not isinstance(eeg, np.ndarray) or eeg.dtype.kind not in "fiu":
+        kind = eeg.dtype if isinstance(eeg, np.ndarray) else type(eeg).__name__
+        raise RequestError(422, f"eeg must hold real numbers (float or int dtype), got {kind}", "eeg")
     if eeg.ndim != 2:
         raise RequestError(422, f"eeg must be 2-D [channels][samples], got shape {list(eeg.shape)}", "eeg")
     n_ch, n_t = eeg.shape
@@ -265,6 +297,8 @@ def harmonise(
         raise RequestError(422, f"eeg must have 1..{lim.max_channels} channels, got {n_ch}", "eeg")
     if not lim.min_samples <= n_t <= lim.max_samples:
         raise RequestError(422, f"eeg must have {lim.min_samples}..{lim.max_samples} samples, got {n_t}", "eeg")
+    plan = _rate_plan(n_t, sfreq, cfg, model) if sfreq is not None else None
+    eeg = eeg.astype(np.float64, copy=False)
     if not np.isfinite(eeg).all():
         raise RequestError(422, "eeg holds NaN or infinite values", "eeg")
     peak = float(np.abs(eeg).max())
@@ -272,9 +306,10 @@ def harmonise(
         raise RequestError(422, f"eeg values must lie within +-{lim.max_abs_value:g}, got {peak:g}", "eeg")
     report: dict[str, Any] = {"channels": n_ch, "samples": n_t, "sfreq": sfreq, "applied": []}
     try:
-        if sfreq is not None:
-            eeg = _to_model_rate(eeg, sfreq, cfg, report)
-        eeg = _to_model_length(eeg, model.samples, lim.min_samples, report)
+        length = n_t
+        if plan is not None:
+            eeg, length = _to_model_rate(eeg, plan, report)
+        eeg = _to_model_length(eeg, model.samples, length, report)
         eeg = normalise(eeg[None], cfg.eeg.normalise, scale=cfg.eeg.scale, clip=cfg.eeg.clip)[0]
         report["applied"].append(f"normalised ({cfg.eeg.normalise})")
         mask = np.ones(n_ch, dtype=bool)
@@ -284,10 +319,23 @@ def harmonise(
             report["applied"].append(f"{verb} {n_ch} -> {model.channels} channels")
     except SignalError as err:
         raise RequestError(422, f"eeg cannot be fitted to the model: {err}", "eeg") from None
+    if not np.isfinite(eeg).all():  # 'fixed' normalisation with a large scale can overflow float32
+        raise RequestError(422, "eeg values overflow the model's input once normalised (eeg.scale)", "eeg")
     return np.ascontiguousarray(eeg, dtype=np.float32), np.asarray(mask, dtype=bool), report
 
 
-def _to_model_rate(eeg: np.ndarray, sfreq: float, cfg: ServeConfig, report: dict[str, Any]) -> np.ndarray:
+@dataclass(frozen=True)
+class _RatePlan:
+    """How a request's EEG reaches the model's rate, decided from its length alone."""
+
+    sfreq: float
+    target: float
+    length: int  # samples the whole EEG would have at the model's rate
+    keep: int  # input samples to resample: those that reach the model's first window (all when shorter)
+
+
+def _rate_plan(n_t: int, sfreq: float, cfg: ServeConfig, model: ModelShape) -> _RatePlan | None:
+    """Check a stated rate against the model's and plan the resampling arithmetically (no signal touched)."""
     target = cfg.eeg.sfreq
     if target is None:
         raise RequestError(
@@ -296,21 +344,115 @@ def _to_model_rate(eeg: np.ndarray, sfreq: float, cfg: ServeConfig, report: dict
             "model's rate and leave sfreq out",
             "sfreq",
         )
+    low, high = sfreq_bounds(cfg)
+    if not (math.isfinite(sfreq) and low <= sfreq <= high):
+        raise RequestError(422, f"sfreq must lie within {low:g}..{high:g} Hz for this model, got {sfreq!r}", "sfreq")
     if sfreq == target:
-        return eeg
-    out = resample(eeg, sfreq, target)
-    report["applied"].append(f"resampled {sfreq:g} -> {target:g} Hz ({eeg.shape[1]} -> {out.shape[1]} samples)")
-    return out
+        return None
+    try:
+        up, down = resample_factors(sfreq, target)
+        length = resampled_length(n_t, sfreq, target)
+    except SignalError as err:
+        raise RequestError(422, f"sfreq {sfreq:g} Hz cannot be resampled to the model's: {err}", "sfreq") from None
+    if length < cfg.limits.min_samples:
+        raise RequestError(
+            422,
+            f"eeg has {n_t} samples at {sfreq:g} Hz, {length} at the model's {target:g} Hz; at least "
+            f"{cfg.limits.min_samples} needed",
+            "eeg",
+        )
+    # output k of the polyphase filter reads input up to (k * down + filter half-length + padding) / up: the
+    # first model.samples outputs depend on this many input samples, so the rest is never resampled
+    half = 10 * max(up, down)
+    keep = min(n_t, -(-(model.samples * down + 2 * half + 2 * down) // up) + 2)
+    return _RatePlan(sfreq, target, length, keep)
 
 
-def _to_model_length(eeg: np.ndarray, samples: int, min_samples: int, report: dict[str, Any]) -> np.ndarray:
+def sfreq_bounds(cfg: ServeConfig) -> tuple[float, float]:
+    """The stated rates (Hz) the server accepts: MIN_SFREQ..MAX_SFREQ, and within MAX_RESAMPLE_TERM-fold of the
+    model's rate (the most `resample` changes a rate)."""
+    target = cfg.eeg.sfreq
+    if target is None:
+        return MIN_SFREQ, MAX_SFREQ
+    return max(MIN_SFREQ, target / MAX_RESAMPLE_TERM), min(MAX_SFREQ, target * MAX_RESAMPLE_TERM)
+
+
+def _to_model_rate(eeg: np.ndarray, plan: _RatePlan, report: dict[str, Any]) -> tuple[np.ndarray, int]:
+    """(EEG at the model's rate, its full length there): only the part the model reads is resampled."""
     n_t = eeg.shape[1]
-    if n_t == samples:
+    out = resample(eeg[:, : plan.keep], plan.sfreq, plan.target)
+    if plan.keep < n_t:
+        out = out[:, : min(out.shape[1], plan.length)]
+    report["applied"].append(f"resampled {plan.sfreq:g} -> {plan.target:g} Hz ({n_t} -> {plan.length} samples)")
+    return out, plan.length
+
+
+def _to_model_length(eeg: np.ndarray, samples: int, length: int, report: dict[str, Any]) -> np.ndarray:
+    """The first `samples` of EEG `length` samples long (held: eeg.shape[1], perhaps fewer), or it stretched."""
+    n_t = eeg.shape[1]
+    if length == samples:
         return eeg
-    if n_t > samples:
-        report["applied"].append(f"took the first {samples} of {n_t} samples")
+    if length > samples:
+        report["applied"].append(f"took the first {samples} of {length} samples")
         return window(eeg, samples, samples)[0][0]
-    if n_t < min_samples:
-        raise RequestError(422, f"eeg has {n_t} samples at the model's rate; at least {min_samples} needed", "eeg")
     report["applied"].append(f"stretched {n_t} -> {samples} samples")
     return crop_and_interpolate(eeg, 0, n_t, samples)
+
+
+# ------------------------------------------------------------------------------------------- schema
+
+
+def _bound(prop: dict[str, Any], **keys: Any) -> None:
+    """Set JSON-schema keywords on the non-null branch of an optional property (anyOf [{...}, {null}])."""
+    branch = next(b for b in prop["anyOf"] if b.get("type") != "null")
+    branch.update({k: v for k, v in keys.items() if v is not None})
+
+
+def request_schema(cfg: ServeConfig, model: ModelShape | None = None) -> dict[str, Any]:
+    """The JSON schema of POST /v1/generate's JSON body as this server enforces it: the static bounds of
+    GenerateRequest plus the limits of `cfg` and, when known, what the loaded `model` allows.
+
+    What JSON Schema cannot state is said in descriptions: rows of equal length, the body's byte limit, and that
+    the EEG, resampled to the model's rate, must still hold limits.min_samples samples.
+    """
+    lim = cfg.limits
+    schema = copy.deepcopy(GenerateRequest.model_json_schema())
+    props = schema["properties"]
+    _bound(props["num_images"], maximum=lim.max_images_per_request)
+    _bound(props["steps"], maximum=lim.max_steps)
+    _bound(props["guidance_scale"], maximum=lim.max_guidance_scale)
+    if model is not None and not model.guidance:
+        _bound(props["guidance_scale"], minimum=1.0, maximum=1.0)
+    if model is not None:
+        _bound(props["size"], minimum=model.image_size, maximum=model.image_size)
+    if cfg.eeg.sfreq is None:
+        props["sfreq"] = {"type": "null", "default": None, "description": "this server takes EEG at its rate only"}
+    else:
+        low, high = sfreq_bounds(cfg)
+        _bound(props["sfreq"], minimum=low, maximum=high)
+        props["sfreq"]["description"] += (
+            f" ({cfg.eeg.sfreq:g} Hz); the EEG must hold at least {lim.min_samples} samples at that rate"
+        )
+    props["eeg"].update(
+        minItems=1,
+        maxItems=lim.max_channels,
+        items={
+            "type": "array",
+            "minItems": lim.min_samples,
+            "maxItems": lim.max_samples,
+            "items": {"type": "number", "minimum": -lim.max_abs_value, "maximum": lim.max_abs_value},
+        },
+        description=f"one EEG as [channels][samples]: 1..{lim.max_channels} rows of equal length "
+        f"{lim.min_samples}..{lim.max_samples}, finite numbers within +-{lim.max_abs_value:g}; the whole body at "
+        f"most {lim.max_body_bytes} bytes",
+    )
+    return schema
+
+
+def query_parameters(cfg: ServeConfig, model: ModelShape | None = None) -> list[dict[str, Any]]:
+    """The sampling parameters as query-string parameters (OpenAPI parameter objects), for a .npy body only."""
+    props = request_schema(cfg, model)["properties"]
+    return [
+        {"name": name, "in": "query", "required": False, "schema": props[name], "description": "with a .npy body"}
+        for name in GenerateParams.model_fields
+    ]

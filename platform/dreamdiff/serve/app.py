@@ -7,7 +7,9 @@
 The ingress (CPU) authenticates, reads the body under its size limit, parses and harmonises the EEG
 (dreamdiff.serve.api) and encodes the PNGs; only valid work reaches the generator deployment (GPU: `num_gpus`),
 whose `@serve.batch` method gathers requests and samples them with `GenerationEngine` (model loaded once per
-replica). Every error answer is JSON ``{"error": ..., "field": ...}``; a bad request never reaches the model.
+replica). Every error answer is JSON ``{"error": ..., "field": ..., "request_id": ...}`` (ErrorResponse), with the
+request id also in the X-Request-ID header; internal detail goes only to the server log under that id. A bad request
+never reaches the model. /openapi.json states the limits of the running config.
 
 No `from __future__ import annotations` here: FastAPI reads the route methods' annotations at run time, and
 Serve's class-based view hides string annotations from it.
@@ -15,25 +17,33 @@ Serve's class-based view hides string annotations from it.
 
 import asyncio
 import base64
+import copy
 import hmac
 import io
 import json
+import logging
 import os
+import re
 import time
+import uuid
 from pathlib import Path
 from typing import Annotated, Any, cast
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dreamdiff.config import (
     ServeAuthSection,
     ServeConfig,
+    ServeLimitsSection,
     apply_overrides,
     read_yaml,
     resolve_config_path,
@@ -54,8 +64,15 @@ from dreamdiff.serve.api import (
     RequestError,
     parse_json,
     parse_npy,
+    query_parameters,
+    request_schema,
     resolve,
 )
+
+logger = logging.getLogger("ray.serve")
+REQUEST_ID_HEADER = "X-Request-ID"
+#: A client-sent request id is used when it is this plain and short; otherwise the server makes its own.
+_SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
@@ -66,42 +83,108 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         413: "the body exceeds limits.max_body_bytes",
         415: "Content-Type is neither application/json nor application/x-npy",
         422: "a field is invalid or beyond the server's limits (the answer names it)",
-        503: "the generator deployment failed or is unavailable",
+        503: "the generator deployment failed or is unavailable (the detail is in the server log)",
+        500: "an unexpected server error (the detail is in the server log under the request id)",
     }.items()
 }
-_NPY_PARAMS = [
-    {"name": name, "in": "query", "required": False, "schema": schema, "description": "with a .npy body only"}
-    for name, schema in GenerateParams.model_json_schema()["properties"].items()
-]
-
 api = FastAPI(
     title="dreamdiff",
     version=API_VERSION,
     description="EEG -> images with a DreamDiffusion generator (Bai et al., ECCV 2024). POST one EEG "
     "([channels][samples]) to /v1/generate as JSON, or as the bytes of a .npy file with parameters in the query.",
+    openapi_url=None,  # served by Ingress.openapi: the schema with the running config's limits
+    docs_url=None,
+    redoc_url=None,
 )
 bearer = HTTPBearer(auto_error=False, description="required when the server enables auth (auth.enabled)")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
-def _error(status: int, body: dict[str, Any]) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(body, status_code=status, headers=headers)
+class RequestIdMiddleware:
+    """Gives every request an id (the client's X-Request-ID when sane, else a new one) in `scope["state"]`, and
+    answers it in the X-Request-ID header. Ray Serve's proxy forwards the client's id, or its own, in the same
+    header and adds it to the answer itself: the header is added here only when the id differs from that one."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = MutableHeaders(scope=scope).get(REQUEST_ID_HEADER)
+        request_id = incoming if incoming and _SANE_ID.fullmatch(incoming) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"], state["request_id_echoed"] = request_id, request_id == incoming
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start" and request_id != incoming:
+                headers = MutableHeaders(scope=message)
+                if REQUEST_ID_HEADER not in headers:
+                    headers.append(REQUEST_ID_HEADER, request_id)
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+api.add_middleware(RequestIdMiddleware)
+
+
+def request_id(request: Request) -> str:
+    """The id RequestIdMiddleware gave the request (a new one outside it)."""
+    rid = getattr(request.state, "request_id", None)
+    if rid is None:
+        rid = request.state.request_id = uuid.uuid4().hex
+    return rid
+
+
+async def discard_body(request: Request) -> None:
+    """Read and drop what is left of the body, up to limits.discard_bytes, before an early answer: a server that
+    answers and closes with body bytes unread resets the connection, and clients that send the whole body before
+    reading (urllib, many proxies) then see the reset instead of the answer."""
+    if getattr(request.state, "body_done", False):
+        return
+    request.state.body_done = True
+    budget = getattr(request.state, "discard_bytes", ServeLimitsSection().discard_bytes)
+    dropped = 0
+    while dropped <= budget:
+        message = await request.receive()
+        if message["type"] != "http.request":
+            return
+        dropped += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+async def _error(
+    request: Request, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> Response:
+    """An error answer in the one shape (ErrorResponse), after the unread body is discarded."""
+    rid = request_id(request)
+    await discard_body(request)
+    headers = dict(headers or {})
+    if not getattr(request.state, "request_id_echoed", False):  # else the proxy answers the header itself
+        headers[REQUEST_ID_HEADER] = rid
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse({**body, "request_id": rid}, status_code=status, headers=headers)
 
 
 @api.exception_handler(RequestError)
-async def _request_error(_: Request, err: RequestError) -> JSONResponse:
-    return _error(err.status, err.body())
+async def _request_error(request: Request, err: RequestError) -> Response:
+    return await _error(request, err.status, err.body())
 
 
 @api.exception_handler(HTTPException)
-async def _http_error(_: Request, err: HTTPException) -> JSONResponse:
-    return _error(err.status_code, {"error": str(err.detail), "field": None})
+async def _http_error(request: Request, err: HTTPException) -> Response:
+    # keeps the exception's headers: Allow on 405 (RFC 9110 15.5.6)
+    return await _error(request, err.status_code, {"error": str(err.detail), "field": None}, err.headers)
 
 
 @api.exception_handler(Exception)
-async def _internal_error(_: Request, err: Exception) -> JSONResponse:
-    return _error(500, {"error": f"internal error ({type(err).__name__})", "field": None})
+async def _internal_error(request: Request, err: Exception) -> Response:
+    logger.error("request %s: internal error", request_id(request), exc_info=err)
+    return await _error(request, 500, {"error": "internal error", "field": None})
 
 
 def read_token(auth: ServeAuthSection) -> str | None:
@@ -123,7 +206,8 @@ def read_token(auth: ServeAuthSection) -> str | None:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed `limit` bytes (declared or streamed)."""
+    """The body, refused with 413 as soon as it is known to exceed `limit` bytes (declared or streamed); the
+    error handler then discards the rest (bounded) so that the client reads the 413 (`discard_body`)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -131,12 +215,21 @@ async def read_body(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise RequestError(413, f"the body is {declared} bytes; this server takes at most {limit}", "body")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        message = await request.receive()
+        if message["type"] != "http.request":
+            request.state.body_done = True  # the client went away
+            raise RequestError(400, "the client disconnected before sending the whole body", "body")
+        chunk = message.get("body", b"")
         size += len(chunk)
+        if not message.get("more_body", False):
+            request.state.body_done = True
+            if size > limit:
+                raise RequestError(413, f"the body exceeds {limit} bytes", "body")
+            return b"".join([*chunks, chunk])
         if size > limit:
             raise RequestError(413, f"the body exceeds {limit} bytes", "body")
         chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def wants_png(accept: str) -> bool:
@@ -181,6 +274,20 @@ def _parse(body: bytes, media: str, query: dict[str, str]) -> tuple[Any, Generat
     return parse_json(body)
 
 
+def openapi_schema(base: dict[str, Any], cfg: ServeConfig, model: ModelShape | None) -> dict[str, Any]:
+    """FastAPI's schema of the routes with POST /v1/generate's body and query parameters as `cfg` (and the loaded
+    `model`, when known) enforce them. The query parameters belong to the .npy body only, which OpenAPI cannot
+    tie to a media type: they are listed as the x-query-parameters of application/x-npy, not as parameters."""
+    schema = copy.deepcopy(base)
+    operation = schema["paths"][f"/{API_VERSION}/generate"]["post"]
+    content = operation["requestBody"]["content"]
+    content["application/json"]["schema"] = request_schema(cfg, model)
+    content["application/x-npy"]["x-query-parameters"] = query_parameters(cfg, model)
+    limit = cfg.limits.max_body_bytes
+    operation["requestBody"]["description"] = f"at most {limit} bytes (limits.max_body_bytes); larger bodies get 413"
+    return schema
+
+
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
@@ -200,12 +307,13 @@ class Ingress:
         if not hmac.compare_digest(credentials.credentials.encode(), self.token.encode()):
             raise RequestError(401, "wrong bearer token", "Authorization")
 
-    async def _model_info(self) -> ModelInfo:
+    async def _model_info(self, rid: str) -> ModelInfo:
         if self._model is None:
             try:
                 self._model = ModelInfo.model_validate(await self.generator.info.remote())
             except Exception as err:
-                raise RequestError(503, f"the generator is unavailable ({type(err).__name__}: {err})") from None
+                logger.warning("request %s: generator info failed: %r", rid, err)
+                raise RequestError(503, "the generator is unavailable; try again later") from None
         return self._model
 
     @api.get("/healthz", summary="liveness of the ingress (no auth)")
@@ -213,15 +321,32 @@ class Ingress:
         return {"status": "ok"}
 
     @api.get(f"/{API_VERSION}/model", response_model=ModelInfo, responses=ERRORS, summary="what is loaded")
-    async def model(self, credentials: Credentials) -> ModelInfo:
+    async def model(self, request: Request, credentials: Credentials) -> ModelInfo:
         self._authorize(credentials)
-        return await self._model_info()
+        return await self._model_info(request_id(request))
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> JSONResponse:
+        """The OpenAPI schema with this server's limits (and the loaded model's, once it answered)."""
+        try:
+            shape: ModelShape | None = (await self._model_info(request_id(request))).shape()
+        except RequestError:
+            shape = None
+        return JSONResponse(openapi_schema(request.app.openapi(), self.cfg, shape))
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=f"{api.title} - Swagger UI")
 
     @api.post(
         f"/{API_VERSION}/generate",
         response_model=GenerateResponse,
         responses={**ERRORS, 200: {"content": {"image/png": {}}, "description": "JSON, or one PNG (Accept)"}},
         summary="one EEG -> num_images images",
+        description="The body is JSON (GenerateRequest), or the bytes of a .npy file (Content-Type "
+        "application/x-npy) of a [channels, samples] real-valued array with the sampling parameters in the query "
+        "string (listed under the media type's x-query-parameters; a JSON body takes them in the body only).",
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -230,15 +355,15 @@ class Ingress:
                     "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
                 },
             },
-            "parameters": _NPY_PARAMS,
         },
     )
     async def generate(self, request: Request, credentials: Credentials) -> Response:
         tick = time.perf_counter()
+        request.state.discard_bytes = self.cfg.limits.discard_bytes
         self._authorize(credentials)
         media = media_type(request.headers.get("content-type", ""))  # before the body is read
         body = await read_body(request, self.cfg.limits.max_body_bytes)
-        model = await self._model_info()
+        model = await self._model_info(request_id(request))
         shape = model.shape()
         png = wants_png(request.headers.get("accept", ""))
         item = await asyncio.to_thread(self._prepare, body, media, dict(request.query_params), shape)
@@ -247,7 +372,8 @@ class Ingress:
         try:
             answer = await self.generator.generate.remote(item)
         except Exception as err:
-            raise RequestError(503, f"the generator failed ({type(err).__name__}: {err})") from None
+            logger.warning("request %s: the generator failed: %r", request_id(request), err)
+            raise RequestError(503, "the generator failed or is unavailable; try again later") from None
         if "error" in answer:
             raise RequestError(422, answer["error"], answer["field"])
         images = await asyncio.to_thread(lambda: [png_bytes(im) for im in answer["images"]])
