@@ -1,20 +1,33 @@
 """`dreamdiff <stage> --config FILE [dotted.key=value ...]`: one entry point for every stage.
 
 The sub-commands are the stage registry's (dreamdiff.config.stages): each loads its config, checks its locations and
-calls its stage's runner. The `jobs/` drivers call `main` too. Errors meant for the user are reported as one line.
+calls its stage's runner. The `jobs/` drivers call `main` too.
+
+Errors: `main` is the one place that turns a known failure (`dreamdiff.errors.DreamdiffError`, raised where a field,
+a config or a file is read, and where a stage's training fails) into one stderr line,
+`dreamdiff <stage>: error: <what, naming the field or file, and what to do>`, with exit status 2 for bad input and 1
+for a failure of the stage's own work (`StageFailedError`, e.g. a training worker died). The traceback behind the
+line is logged at DEBUG (logger `dreamdiff.cli`); with the environment variable `DREAMDIFF_DEBUG=1` it is also
+printed to stderr below the line. Any other exception is a bug and propagates with its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 from dreamdiff.config import STAGES, dump_config, load_config
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.locations import check_locations
+
+log = logging.getLogger(__name__)
+
+DEBUG_ENV = "DREAMDIFF_DEBUG"  # set to 1: print the traceback behind a one-line error too
 
 # Ray Train's PlacementGroupCleaner asks the dashboard's State API, once a second, whether its Train controller
 # still lives. A local Ray without the dashboard (the default here) cannot answer, so every trainer logs the same
@@ -93,8 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_locations(stage.name, cfg)  # a URI where the stage cannot use one fails here, naming the field
         stage.run(cfg)
     except DreamdiffError as err:
-        print(f"dreamdiff {args.stage}: error: {err}", file=sys.stderr)
-        return 2
+        return report_error(args.stage, err)
     except KeyboardInterrupt:
         print(
             f"dreamdiff {args.stage}: interrupted; finished work is kept and a re-run resumes",
@@ -102,3 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 130
     return 0
+
+
+def report_error(stage: str, err: DreamdiffError) -> int:
+    """Print `err` as one line (its traceback is logged at DEBUG, and printed when DREAMDIFF_DEBUG=1); return the
+    exit status: 2 for bad input, 1 for a failure of the stage's own work."""
+    message = " ".join(str(err).split())  # one line, whatever the message held
+    log.debug("dreamdiff %s failed", stage, exc_info=err)
+    print(f"dreamdiff {stage}: error: {message}", file=sys.stderr)
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        traceback.print_exception(err, file=sys.stderr)
+    return err.exit_code

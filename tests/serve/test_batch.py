@@ -25,7 +25,7 @@ from PIL import Image
 from dreamdiff.cli import main
 from dreamdiff.config import GenerateConfig
 from dreamdiff.data.schema import DONE, epoch_schema, paired_schema, to_table
-from dreamdiff.generation import eeg_seed
+from dreamdiff.generation import eeg_seed, png_name
 from dreamdiff.models.generator import Generator
 from dreamdiff.serve.batch import run
 
@@ -195,7 +195,7 @@ def test_killed_run_resumes_without_duplicates(ray_local: None, world: dict[str,
     broken = sorted(parts.glob("*.parquet"))[0]
     lost = pq.read_table(broken).column("images").to_pylist()[0][0]
     (output / lost).unlink()
-    (output / lost).with_name("half.png.tmp").write_bytes(b"\x89PNG")
+    (output / lost).with_name(f".{Path(lost).name}.0123456789ab.tmp").write_bytes(b"\x89PNG")  # atomic_write's name
 
     resumed = run(GenerateConfig(**cfg))
     assert resumed["skipped"] == done_at_kill - 1 and resumed["generated"] == total - done_at_kill + 1
@@ -255,3 +255,61 @@ def test_other_settings_into_a_used_output_are_refused(world: dict[str, Any], ca
     err = capsys.readouterr().err
     assert "output: " in err and "changed: model, checkpoint, steps" in err
     assert sorted(p.name for p in output.iterdir()) == ["generation.json"]
+
+
+FOREIGN = {  # what a person may keep in an output folder: none of it is ours to remove or rewrite
+    "notes.txt": b"which runs these images came from",
+    "scratch.tmp": b"someone's temporary file",
+    ".notes.txt.0123456789ab.tmp": b"an editor's backup, named like ours but not of a file we write",
+    "images/mine.png": _png(1),
+    "images/Synth_EEG_Image/subject-1/holiday.png": _png(2),
+    "images/Synth_EEG_Image/subject-1/draft.png.tmp": b"half a png of someone else's",
+    "index/readme.md": b"parts are ours, this is not",
+}
+
+
+@pytest.mark.slow
+def test_foreign_files_in_a_used_output_are_left_byte_identical(ray_local: None, world: dict[str, Any]) -> None:
+    output = world["root"] / "shared"
+    cfg = _config(world, "shared", max_eeg=1, batch_size=1, min_actors=1, max_actors=1)
+    run(GenerateConfig(**cfg))
+    for name, data in FOREIGN.items():
+        (output / name).parent.mkdir(parents=True, exist_ok=True)
+        (output / name).write_bytes(data)
+    # what a killed run of ours leaves, which the next run does remove: temporary files, an image no part lists
+    folder = output / "images" / "Synth_EEG_Image" / "subject-2"
+    ours = [
+        output / ".index.json.0123456789ab.tmp",
+        folder / f".{png_name('not/selected', 0)}.0123456789ab.tmp",
+        folder / png_name("not/selected", 0),
+    ]
+    for path in ours:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_png(3))
+
+    again = run(GenerateConfig(**{**cfg, "max_eeg": 2}))  # one more EEG: actors write beside the foreign files
+    assert again["generated"] >= 1 and again["skipped"] + again["generated"] == 2  # the subsets may not overlap
+    assert again["removed_partial_files"] == 3
+    assert {name: (output / name).read_bytes() for name in FOREIGN} == FOREIGN
+    assert not any(path.exists() for path in ours)
+    index = pq.read_table(output / "index.parquet").to_pylist()
+    assert len(index) == 1 + again["generated"] and all((output / p).is_file() for row in index for p in row["images"])
+
+
+def test_an_output_with_foreign_files_and_no_marker_is_refused(
+    world: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without generation.json the folder is someone else's: a run would write config.yaml, index.json... over
+    theirs, so it refuses, naming `output`, and changes nothing."""
+    output = tmp_path / "theirs"
+    for name, data in {**FOREIGN, "config.yaml": b"their config"}.items():
+        (output / name).parent.mkdir(parents=True, exist_ok=True)
+        (output / name).write_bytes(data)
+    before = {p: p.read_bytes() for p in output.rglob("*") if p.is_file()}
+    path = tmp_path / "gen.yaml"
+    path.write_text(yaml.safe_dump({**_config(world, "x"), "output": str(output)}))
+    assert main(["generate", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"dreamdiff generate: error: output: {output} holds files that `dreamdiff generate` did not")
+    assert len(err.splitlines()) == 1
+    assert {p: p.read_bytes() for p in output.rglob("*") if p.is_file()} == before

@@ -16,7 +16,7 @@ from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.msm import MSMEncoder
 from dreamdiff.train.pretrain import ENCODER_FILE, latest_checkpoint
 from dreamdiff.train.pretrain import run as pretrain
-from dreamdiff.train.worker import FAILED_ONCE, METRICS_FILE
+from dreamdiff.train.worker import FAILED_ONCE, METRICS_FILE, drop_metrics_after
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +85,9 @@ def test_two_ddp_workers_learn_well_below_zero_prediction(shards: Path, tmp_path
 
 @pytest.fixture(scope="module")
 def recovered(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """A 2-epoch run on one worker that fails once at step 15 (checkpoints every 10 steps) and is restarted by Ray
-    Train: its folder and final result. The failure test checks it; the resume test starts from it."""
+    """A 2-epoch run on one worker that fails once at step 17 (checkpoints every 10 steps, metrics every 5) and is
+    restarted by Ray Train from step 10: its folder and final result. The failed attempt had logged step 15, which
+    the restarted one logs again. The failure test checks it; the resume test starts from it."""
     output = tmp_path_factory.mktemp("recovered") / "run"
     cfg = _config(
         shards,
@@ -95,7 +96,7 @@ def recovered(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
         scaling={"num_workers": 1},
         checkpoint={"every_steps": 10},
         max_failures=1,
-        inject_failure_at_step=15,
+        inject_failure_at_step=17,
     )
     return output, pretrain(cfg)
 
@@ -106,7 +107,7 @@ def test_worker_failure_restarts_from_checkpoint_and_finishes(recovered: tuple[P
     lines = _metrics(run)
     total = 2 * (288 // 16)
     logged = sorted({*range(5, total + 1, 5), total})
-    assert [line["step"] for line in lines] == logged  # every step accounted for, once
+    assert [line["step"] for line in lines] == logged  # every step accounted for, once: strictly increasing
     assert [line["resumed_at"] for line in lines] == [0, 0] + [10] * (len(lines) - 2)  # from the step-10 checkpoint
     assert final["step"] == total and lines[-1]["epoch"] == pytest.approx(2.0)
     with safe_open(str(run / ENCODER_FILE), "pt") as f:
@@ -134,3 +135,18 @@ def test_bad_batch_and_missing_data_fail_before_training(shards: Path, tmp_path:
     with pytest.raises(DreamdiffError, match="resume_from"):
         pretrain(_config(shards, tmp_path / "z", resume_from=str(tmp_path)))
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_a_restart_drops_the_metrics_rows_logged_after_its_checkpoint(tmp_path: Path) -> None:
+    """What rank 0 does at restore: rows of steps after the restored one go (they are logged again), so do a line
+    a kill cut short; earlier rows stay byte for byte, and a log with nothing to drop is not rewritten."""
+    rows = [{"step": s, "loss": 1.0 / s} for s in (5, 10, 15, 20)]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 25, "lo'
+    (tmp_path / METRICS_FILE).write_text(text)
+    assert drop_metrics_after(tmp_path, 10) == 3
+    assert _metrics(tmp_path) == rows[:2]
+    assert (tmp_path / METRICS_FILE).read_text() == "".join(json.dumps(r) + "\n" for r in rows[:2])
+    modified = (tmp_path / METRICS_FILE).stat().st_mtime_ns
+    assert drop_metrics_after(tmp_path, 10) == 0 and (tmp_path / METRICS_FILE).stat().st_mtime_ns == modified
+    assert drop_metrics_after(tmp_path / "absent", 0) == 0
+    assert [p.name for p in tmp_path.iterdir()] == [METRICS_FILE]  # no temporary file left

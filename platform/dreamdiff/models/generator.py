@@ -23,10 +23,12 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from pydantic import ValidationError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from dreamdiff.errors import DreamdiffError
+from dreamdiff.errors import DreamdiffError, unreadable_file
 from dreamdiff.models.diffusion import SDComponents, compile_sd, decode_latents, load_sd_components
 from dreamdiff.models.eeg_diffusion import EEGDiffusion, GeneratorSpec, build_eeg_diffusion
 from dreamdiff.models.sampling import Sampler
@@ -46,6 +48,44 @@ def model_id(checkpoint: str | Path) -> str:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)
     return digest.hexdigest()[:16]
+
+
+REWRITE_HINT = "run finetune again to write a whole generator folder, or give another checkpoint"
+
+
+def read_generator_meta(folder: str | Path) -> dict:
+    """`generator.json` of a checkpoint folder, checked: valid JSON of our format version with a valid spec (the
+    `spec` key comes back as a `GeneratorSpec`). A corrupt or foreign file fails naming it."""
+    path = Path(folder) / SPEC_FILE
+    if not path.is_file() or not (Path(folder) / WEIGHTS_FILE).is_file():
+        raise DreamdiffError(f"checkpoint {str(folder)!r} must hold {SPEC_FILE} and {WEIGHTS_FILE}")
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise unreadable_file(path, "a generator's JSON record", err, REWRITE_HINT) from err
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        found = meta.get("format_version") if isinstance(meta, dict) else type(meta).__name__
+        raise DreamdiffError(
+            f"checkpoint {str(folder)!r} has format_version {found!r}; this dreamdiff reads {FORMAT_VERSION}"
+        )
+    try:
+        spec = GeneratorSpec.model_validate(meta.get("spec"))
+    except ValidationError as err:
+        raise unreadable_file(path, "a generator's JSON record", err, REWRITE_HINT) from err
+    if not isinstance(meta.get("unet_trainable"), list):
+        raise unreadable_file(path, "a generator's JSON record", KeyError("unet_trainable"), REWRITE_HINT)
+    return {**meta, "spec": spec}
+
+
+def check_generator_weights(folder: str | Path) -> list[str]:
+    """The tensor names in a checkpoint's `generator.safetensors`, read from its header (no tensor data): a
+    truncated or corrupt file fails here, naming it, rather than where the tensors are loaded."""
+    path = Path(folder) / WEIGHTS_FILE
+    try:
+        with safe_open(str(path), "pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as err:
+        raise unreadable_file(path, "safetensors weights", err, REWRITE_HINT) from err
 
 
 def save_generator(model: EEGDiffusion, spec: GeneratorSpec, folder: str | Path, info: dict | None = None) -> Path:
@@ -156,15 +196,9 @@ class Generator:
         the trained tensors on top, cast everything to `dtype` if given. `autocast_dtype` (e.g. bfloat16 on
         CUDA) runs sampling under autocast."""
         folder = Path(folder)
-        if not (folder / SPEC_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-            raise DreamdiffError(f"checkpoint {str(folder)!r} must hold {SPEC_FILE} and {WEIGHTS_FILE}")
-        meta = json.loads((folder / SPEC_FILE).read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise DreamdiffError(
-                f"checkpoint {str(folder)!r} has format_version {meta.get('format_version')!r}; "
-                f"this dreamdiff reads {FORMAT_VERSION}"
-            )
-        spec = GeneratorSpec.model_validate(meta["spec"])
+        meta = read_generator_meta(folder)
+        check_generator_weights(folder)  # a truncated file fails naming it, before the base model loads
+        spec = meta["spec"]
         if base_model is not None:
             spec = spec.model_copy(update={"base_model": base_model})
         components = load_sd_components(spec.base_model, device, dtype or torch.float32)
@@ -174,7 +208,11 @@ class Generator:
                 f"checkpoint {str(folder)!r} trained UNet tensors that base model {spec.base_model!r} names "
                 "differently; was it saved on another base model or diffusers version?"
             )
-        _load_trained(model, load_file(str(folder / WEIGHTS_FILE), device=str(device)), spec.base_model)
+        try:
+            tensors = load_file(str(folder / WEIGHTS_FILE), device=str(device))
+        except SafetensorError as err:
+            raise unreadable_file(folder / WEIGHTS_FILE, "safetensors weights", err, REWRITE_HINT) from err
+        _load_trained(model, tensors, spec.base_model)
         model.eval().requires_grad_(False)
         return cls(model.to(dtype=dtype) if dtype else model, components, autocast_dtype)
 

@@ -12,10 +12,17 @@ then its batch's index part. Output folder:
     index/part-<sha1 of its ids>.parquet   one per finished batch, written last: its EEGs are done
     index.parquet, index.json       every index part merged, rewritten at the end of each run
 
-Resume: every file is written under a `.tmp` name and renamed, so a killed run leaves whole files or `.tmp` ones
-(removed on the next start). An EEG is done when an index part lists it and all its PNGs exist (a part whose files
-are gone is dropped and its EEGs redone); a re-run generates the others under the same names, so nothing is
-duplicated. PNGs no part lists (a batch killed before its part) are removed after a complete run.
+Resume: every file is written under a temporary name (`storage.atomic_write`: `.<name>.<12 hex>.tmp` beside it) and
+renamed, so a killed run leaves whole files or temporary ones (removed on the next start). An EEG is done when an
+index part lists it and all its PNGs exist (a part whose files are gone is dropped and its EEGs redone); a re-run
+generates the others under the same names, so nothing is duplicated. PNGs no part lists (a batch killed before its
+part) are removed after a complete run.
+
+Only our own files are ever removed or overwritten. `generation.json` marks a folder as a generate output: a run
+takes an output folder that is new, empty or marked, and refuses any other (error naming `output`), since it would
+write `config.yaml`, `index.json`, ... over whatever is there. In a marked folder the clean-up removes only files
+named as this stage names them (`OWN_TEMP`, `OWN_PNG`, in the folders it writes), so notes, other images and other
+temporary files put there are left as they are.
 
 Each actor samples through :func:`dreamdiff.generation.generate`, the path the evaluate stage uses: EEG e samples from
 ``eeg_seed(seed, epoch_id)``, image j as the Generator documents, so an image depends on the EEG id, the seed and
@@ -42,10 +49,18 @@ from PIL import Image
 
 from dreamdiff.config import GenerateConfig, dump_config
 from dreamdiff.data.schema import EPOCH_COLUMNS
-from dreamdiff.errors import DreamdiffError
+from dreamdiff.errors import DreamdiffError, unreadable_file
 from dreamdiff.generation import Sampling, generate, generator_source
 from dreamdiff.models.eeg_diffusion import GeneratorSpec
-from dreamdiff.models.generator import SPEC_FILE, WEIGHTS_FILE, Generator, inference_dtype, model_id
+from dreamdiff.models.generator import (
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    Generator,
+    check_generator_weights,
+    inference_dtype,
+    model_id,
+    read_generator_meta,
+)
 from dreamdiff.models.sampling import Compile, torch_compile_mode
 from dreamdiff.storage import atomic_write
 
@@ -55,6 +70,11 @@ SETTINGS_FILE = "generation.json"
 IMAGES_DIR = "images"
 PARTS_DIR = "index"
 INDEX_FILES = ("index.parquet", "index.json")
+CONFIG_FILE = "config.yaml"
+OWN_TEMP = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{12}\.tmp$")  # storage.atomic_write's temporary name
+OWN_PNG = re.compile(r"^[A-Za-z0-9._-]*-[0-9a-f]{8}_s[0-9]+\.png$")  # generation.png_name
+OWN_PART = re.compile(r"^part-[0-9a-f]{16}\.parquet$")  # GenerateActor's index parts
+OWN_TOP = {SETTINGS_FILE, CONFIG_FILE, *INDEX_FILES}  # what a run writes in the output folder itself
 READ_COLUMNS = tuple(c for c in EPOCH_COLUMNS if c not in ("sfreq", "n_channels_orig"))  # what the index keeps
 PAIRED_EXTRA = ("image_id", "split")  # read when every shard is paired
 INDEX_SCHEMA = pa.schema(
@@ -149,7 +169,8 @@ def _check_checkpoint(cfg: GenerateConfig) -> GeneratorSpec:
             f"checkpoint: {cfg.checkpoint} must be a generator folder holding {SPEC_FILE} and {WEIGHTS_FILE} "
             "(finetune writes one into <its output>/generator)"
         )
-    spec = GeneratorSpec.model_validate(json.loads((folder / SPEC_FILE).read_text())["spec"])
+    spec: GeneratorSpec = read_generator_meta(folder)["spec"]  # a corrupt generator.json fails naming it
+    check_generator_weights(folder)  # and a truncated generator.safetensors, here rather than in every actor
     if cfg.guidance_scale != 1.0 and spec.conditioner.cond_drop_prob == 0:
         raise DreamdiffError(
             f"guidance_scale: {cfg.guidance_scale} needs a generator fine-tuned with condition dropout; this one was "
@@ -160,13 +181,13 @@ def _check_checkpoint(cfg: GenerateConfig) -> GeneratorSpec:
 
 def _input_files(cfg: GenerateConfig, spec: GeneratorSpec) -> tuple[list[str], bool]:
     """The finished shard files to read, and whether all are paired (then image_id and split go in the index)."""
-    from dreamdiff.data.reader import shard_files  # imports Ray
+    from dreamdiff.data.reader import read_schema, shard_files  # imports Ray
 
     try:
         files = shard_files(cfg.input)
     except DreamdiffError as err:
         raise DreamdiffError(f"input: {str(err).removeprefix('data: ')}") from None
-    schemas = {f: pq.read_schema(f) for f in files}
+    schemas = {f: read_schema(f) for f in files}  # an unreadable shard fails naming it
     if cfg.splits is not None:
         files = [f for f in files if "split" in schemas[f].names]
         if not files:
@@ -185,9 +206,11 @@ def _input_files(cfg: GenerateConfig, spec: GeneratorSpec) -> tuple[list[str], b
 
 def select_eegs(cfg: GenerateConfig, files: list[str]) -> list[str]:
     """The epoch ids to generate for, sorted: rows of `splits`, then a seeded subset of `max_eeg` of them."""
+    from dreamdiff.data.reader import read_table  # imports Ray
+
     ids, splits = [], []
     for f in files:
-        table = pq.read_table(f, columns=["epoch_id", "split"] if cfg.splits else ["epoch_id"])
+        table = read_table(f, columns=["epoch_id", "split"] if cfg.splits else ["epoch_id"])
         ids += table.column("epoch_id").to_pylist()
         if cfg.splits:
             splits += table.column("split").to_pylist()
@@ -206,21 +229,39 @@ def select_eegs(cfg: GenerateConfig, files: list[str]) -> list[str]:
 
 
 def _claim_output(cfg: GenerateConfig, settings: dict[str, Any]) -> Path:
-    """Create the output folder, or check that its images were made with the same model and settings."""
+    """Create the output folder, or check that it is ours (see the module docstring) and that its images were made
+    with the same model and settings."""
     output = Path(cfg.output)
     record = output / SETTINGS_FILE
-    if record.is_file():
-        old = json.loads(record.read_text())
+    if output.exists() and not output.is_dir():
+        raise DreamdiffError(f"output: {output} is a file; give a folder (new, empty, or an earlier generate output)")
+    if not record.is_file():
+        foreign = sorted(p.name for p in output.iterdir() if not _own_temp(output, p)) if output.is_dir() else []
+        if foreign:
+            raise DreamdiffError(
+                f"output: {output} holds files that `dreamdiff generate` did not write (e.g. {', '.join(foreign[:3])}) "
+                f"and no {SETTINGS_FILE}; give a new or empty folder, or one an earlier generate run wrote"
+            )
+    else:
+        try:
+            old = json.loads(record.read_text())
+            if not isinstance(old, dict):
+                raise TypeError(f"a JSON object, got {type(old).__name__}")
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as err:
+            raise unreadable_file(
+                record, "generate's settings record", err, "use another output folder, or remove this one"
+            ) from err
         changed = [k for k in settings if old.get(k) != settings[k]]
         if changed:
             raise DreamdiffError(
                 f"output: {output} holds images made with other settings (changed: {', '.join(changed)}); "
                 "use another output folder or remove this one"
             )
-    (output / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    output.mkdir(parents=True, exist_ok=True)
+    atomic_write(record, lambda p: p.write_text(json.dumps(settings, indent=1)))  # first: marks the folder ours
+    (output / PARTS_DIR).mkdir(exist_ok=True)
     (output / IMAGES_DIR).mkdir(exist_ok=True)
-    atomic_write(record, lambda p: p.write_text(json.dumps(settings, indent=1)))
-    atomic_write(output / "config.yaml", lambda p: p.write_text(dump_config(cfg)))
+    atomic_write(output / CONFIG_FILE, lambda p: p.write_text(dump_config(cfg)))
     return output
 
 
@@ -251,11 +292,46 @@ def _write_index(output: Path, parts: pa.Table) -> pa.Table:
     return index
 
 
-def _remove_strays(output: Path, keep: set[str], pattern: str) -> int:
-    strays = [p for p in output.rglob(pattern) if p.relative_to(output).as_posix() not in keep]
-    for path in strays:
+def _own_temp(output: Path, path: Path) -> bool:
+    """Whether `path` (below `output`) is a temporary file of ours: atomic_write's name for a file this stage
+    writes in that folder."""
+    match = OWN_TEMP.match(path.name)
+    if match is None or not path.is_file():
+        return False
+    name, where = match.group("name"), path.parent.relative_to(output).parts
+    if len(where) == 3 and where[0] == IMAGES_DIR and where[2].startswith("subject-"):
+        return OWN_PNG.match(name) is not None
+    if where == (PARTS_DIR,):
+        return OWN_PART.match(name) is not None
+    return where == () and name in OWN_TOP
+
+
+def _image_folders(output: Path) -> list[Path]:
+    """The folders our images go to: images/<dataset>/subject-<id> (image_folder)."""
+    return sorted(p for p in (output / IMAGES_DIR).glob("*/subject-*") if p.is_dir())
+
+
+def _remove_own_temp(output: Path) -> int:
+    """Remove the temporary files a killed run left, ours only (see `_own_temp`), in the folders we write."""
+    folders = [output, output / PARTS_DIR, *_image_folders(output)]
+    found = [p for folder in folders if folder.is_dir() for p in folder.iterdir() if _own_temp(output, p)]
+    for path in found:
         path.unlink()
-    return len(strays)
+    return len(found)
+
+
+def _remove_unlisted_pngs(output: Path, listed: set[str]) -> int:
+    """Remove the PNGs that we named (OWN_PNG, in an image folder of ours) but no index part lists: the images of a
+    batch killed before its part was written. Any other file stays."""
+    found = [
+        p
+        for folder in _image_folders(output)
+        for p in folder.iterdir()
+        if OWN_PNG.match(p.name) and p.is_file() and p.relative_to(output).as_posix() not in listed
+    ]
+    for path in found:
+        path.unlink()
+    return len(found)
 
 
 # ------------------------------------------------------------------------------------------------ the stage
@@ -273,7 +349,7 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
         **cfg.model_dump(include={"num_images", "seed", "sampler", "steps", "guidance_scale"}),
     }
     output = _claim_output(cfg, settings)
-    removed_tmp = _remove_strays(output, set(), "*.tmp")  # what a killed run was writing
+    removed_tmp = _remove_own_temp(output)  # what a killed run was writing
     done = set(_read_parts(output).column("epoch_id").to_pylist())
     todo = [e for e in selected if e not in done]
     log.info("generate: %d EEGs selected, %d already done", len(selected), len(selected) - len(todo))
@@ -283,8 +359,8 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
     if missing:
         raise DreamdiffError(f"generate: {len(missing)} selected EEGs have no images, e.g. {min(missing)!r}")
     indexed = {p for row in index.column("images").to_pylist() for p in row}
-    removed_png = _remove_strays(output / IMAGES_DIR, {p.removeprefix(f"{IMAGES_DIR}/") for p in indexed}, "*.png")
-    removed_tmp += _remove_strays(output, set(), "*.tmp")
+    removed_png = _remove_unlisted_pngs(output, indexed)
+    removed_tmp += _remove_own_temp(output)
     seconds = time.perf_counter() - began
     summary = {
         "selected": len(selected),

@@ -28,7 +28,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
 
 from dreamdiff.config import FinetuneConfig, PreviewSection, TinySDPretrainSection, record_config
-from dreamdiff.data.reader import shard_files
+from dreamdiff.data.reader import read_schema, read_table, shard_files
 from dreamdiff.data.schema import PAIRED_COLUMNS
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.clip import _check_request, load_clip_image_encoder, save_random_clip
@@ -39,7 +39,7 @@ from dreamdiff.train import tiny_sd_pretrain
 from dreamdiff.train.finetune_loop import GENERATOR_DIR, steps_per_epoch, train_loop
 from dreamdiff.train.precompute import FrozenModels, decode_images, precompute
 from dreamdiff.train.pretrain import ENCODER_FILE
-from dreamdiff.train.trainer import build_torch_trainer, fits_object_store, training_dataset
+from dreamdiff.train.trainer import build_torch_trainer, fit_trainer, fits_object_store, training_dataset
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class BaseShape:
 
 def paired_files(data: str | Path) -> list[str]:
     """The finished shard files under `data` that hold pairs; epoch-only shards beside them are ignored."""
-    files = [f for f in shard_files(data) if set(PAIRED_COLUMNS) <= set(pq.read_schema(f).names)]
+    files = [f for f in shard_files(data) if set(PAIRED_COLUMNS) <= set(read_schema(f).names)]  # names a bad file
     if not files:
         raise DreamdiffError(f"data: {data} holds no paired shards (EEG + image); preprocess a paired source into it")
     return files
@@ -74,7 +74,7 @@ def split_counts(files: list[str]) -> dict[str, int]:
     """Rows per split over `files` (reads the split column only)."""
     counts: dict[str, int] = {}
     for file in files:
-        for item in pc.value_counts(pq.read_table(file, columns=["split"]).column("split")).to_pylist():
+        for item in pc.value_counts(read_table(file, columns=["split"]).column("split")).to_pylist():
             counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
     return counts
 
@@ -153,7 +153,7 @@ def read_preview(files: list[str], section: PreviewSection, image_size: int) -> 
     """Up to `section.eegs` rows of the preview split, distinct classes first: EEG, mask, stimulus, class name."""
     candidates = []  # (label, file, row) of every row of the split, in file order
     for file in files:
-        index = pq.read_table(file, columns=["split", "label"]).to_pydict()
+        index = read_table(file, columns=["split", "label"]).to_pydict()
         pairs = zip(index["split"], index["label"], strict=True)
         candidates += [(label, file, i) for i, (split, label) in enumerate(pairs) if split == section.split]
     first_of_class: dict[int, tuple[int, str, int]] = {}
@@ -163,7 +163,7 @@ def read_preview(files: list[str], section: PreviewSection, image_size: int) -> 
     picked = (firsts + [c for c in candidates if c not in firsts])[: section.eegs]
     columns: dict[str, list] = {"eeg": [], "channel_mask": [], "image": [], "class_name": []}
     for file in dict.fromkeys(f for _, f, _ in picked):
-        table = pq.read_table(file, columns=list(columns)).take([i for _, f, i in picked if f == file])
+        table = read_table(file, columns=list(columns)).take([i for _, f, i in picked if f == file])
         for name in ("eeg", "channel_mask"):
             columns[name] += list(table.column(name).combine_chunks().to_numpy_ndarray())
         for name in ("image", "class_name"):
@@ -195,7 +195,7 @@ def _check_inputs(cfg: FinetuneConfig) -> dict[str, Any]:
             "choose another or set preview.eegs=0"
         )
     msm, weights = resolve_encoder(cfg)
-    eeg_shape = tuple(pq.read_schema(files[0]).field("eeg").type.shape)
+    eeg_shape = tuple(read_schema(files[0]).field("eeg").type.shape)
     if eeg_shape != (msm.num_channels, msm.num_samples):
         raise DreamdiffError(
             f"encoder: takes EEG [{msm.num_channels}, {msm.num_samples}] but the shards in {cfg.data} hold "
@@ -356,7 +356,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         max_failures=cfg.max_failures,
         datasets={"train": dataset},
     )
-    metrics = dict(trainer.fit().metrics or {})
+    metrics = dict(fit_trainer(trainer, "finetune", str(output), cfg.max_failures, shards=pre.files).metrics or {})
     print(
         f"finetune: step {metrics.get('step')}  loss {metrics.get('loss', float('nan')):.4f} "
         f"(sd {metrics.get('sd_loss', float('nan')):.4f}, clip {metrics.get('clip_loss', float('nan')):.4f}); "

@@ -57,7 +57,8 @@ def train_loop(config: dict[str, Any]) -> None:
         model.clip_head.requires_grad_(False)
     if config["clip_mean"] is not None:  # the centre of the CLIP targets (ConditionerConfig.clip_center)
         model.clip_head.target_mean.copy_(torch.as_tensor(config["clip_mean"]))
-    position = restore(model, optimizer)
+    # rank 0 also drops the metrics rows an earlier attempt logged after the restored step (they are logged again)
+    position = restore(model, optimizer, metrics_folder=output if rank == 0 else None)
     if cfg.compile:  # compiles at the first step (and at the first preview); the state dict keeps its names
         compile_for_training(model, components, torch_compile_mode(cfg.compile))
     model = ray.train.torch.prepare_model(model)

@@ -28,12 +28,19 @@ import pyarrow as pa
 
 from dreamdiff import storage
 from dreamdiff.config import PretrainConfig, record_config
-from dreamdiff.data.reader import TRAIN_COLUMNS, shard_files
+from dreamdiff.data.reader import TRAIN_COLUMNS, read_table, row_counts, shard_files
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.eval.probe import load_probe_sets
-from dreamdiff.train.checkpoint import STATE_FILE
+from dreamdiff.train.checkpoint import STATE_FILE, check_training_state
 from dreamdiff.train.pretrain_loop import ENCODER_FILE, steps_per_epoch, train_loop
-from dreamdiff.train.trainer import RAY_DIR, RUN_NAME, build_torch_trainer, fits_object_store, training_dataset
+from dreamdiff.train.trainer import (
+    RAY_DIR,
+    RUN_NAME,
+    build_torch_trainer,
+    fit_trainer,
+    fits_object_store,
+    training_dataset,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +60,7 @@ def read_rows(files: list[str], n: int) -> dict[str, np.ndarray]:
     """The first `n` rows of the training columns (a fixed validation batch)."""
     tables = []
     for file in files:
-        tables.append(storage.read_parquet(file, columns=list(TRAIN_COLUMNS)))
+        tables.append(read_table(file, columns=TRAIN_COLUMNS))
         if sum(t.num_rows for t in tables) >= n:
             break
     table = pa.concat_tables(tables).slice(0, n)
@@ -72,11 +79,17 @@ def _resume_folder(resume_from: str | None) -> str | None:
         return None
     path = Path(resume_from)
     if (path / STATE_FILE).is_file():
-        return str(path.resolve())
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise DreamdiffError(f"resume_from: {resume_from} is neither a checkpoint nor a pretrain run with one")
-    return str(latest.resolve())
+        folder = path
+    else:
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise DreamdiffError(f"resume_from: {resume_from} is neither a checkpoint nor a pretrain run with one")
+        folder = latest
+    try:
+        check_training_state(folder)  # a truncated checkpoint fails here, naming its file, before any work
+    except DreamdiffError as err:
+        raise DreamdiffError(f"resume_from: {err}") from err
+    return str(folder.resolve())
 
 
 def _cache(cfg: PretrainConfig, rows: int) -> bool:
@@ -101,7 +114,7 @@ class RunPlan:
 def plan_run(cfg: PretrainConfig) -> RunPlan:
     """Split the shard files and count steps; a batch that does not fit the workers or the data fails here."""
     train_files, val_files = split_files(shard_files(cfg.data), cfg.val_fraction)
-    rows = sum(storage.parquet_rows(train_files))
+    rows = sum(row_counts(train_files))  # an unreadable shard fails here, naming it
     world = max(1, cfg.scaling.num_workers)
     if cfg.batch_size % (world * cfg.optim.grad_accum):
         raise DreamdiffError(
@@ -145,6 +158,7 @@ def build_trainer(cfg: PretrainConfig, callbacks: Sequence[Any] = ()) -> Any:
         "val": read_rows(plan.val_files, cfg.val_rows),
         "probe": probe,
         "resume_from": resume_from,
+        "shards": plan.train_files,  # not read by the loop: names an unreadable shard if a worker fails on one
     }
     log.info(
         "pretrain: %d training windows from %d files, %d held-out files, %d worker(s), %d steps/epoch%s",
@@ -169,7 +183,10 @@ def build_trainer(cfg: PretrainConfig, callbacks: Sequence[Any] = ()) -> Any:
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Train (or resume) an MSM run; returns the last metrics. The encoder lands in <output>/msm.safetensors."""
-    metrics = dict(build_trainer(cfg).fit().metrics or {})
+    trainer = build_trainer(cfg)
+    shards = trainer.train_loop_config["shards"]
+    result = fit_trainer(trainer, "pretrain", storage.absolute(cfg.output), cfg.max_failures, shards=shards)
+    metrics = dict(result.metrics or {})
     probe = f"  probe {metrics['probe_accuracy']:.3f}" if "probe_accuracy" in metrics else ""
     print(
         f"pretrain: step {metrics.get('step')}  loss {metrics.get('loss', float('nan')):.4f}  "

@@ -63,7 +63,8 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     model = build_msm(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
-    position = restore(model, optimizer, config["resume_from"])
+    # rank 0 also drops the metrics rows an earlier attempt logged after the restored step (they are logged again)
+    position = restore(model, optimizer, config["resume_from"], staging.path if staging else None)
     model = ray.train.torch.prepare_model(model)
 
     micro = _micro_batch_size(cfg, world)

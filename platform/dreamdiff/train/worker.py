@@ -29,11 +29,18 @@ METRICS_FILE = "metrics.jsonl"
 FAILED_ONCE = ".injected_failure"
 
 
-def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, resume_from: str | None = None) -> dict[str, Any]:
+def restore(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    resume_from: str | None = None,
+    metrics_folder: Path | None = None,
+) -> dict[str, Any]:
     """Load the training state a run continues from and return its position ({"step": 0} for a fresh start).
 
     A run that Ray Train restarted (after a failure, or re-run into the same folder) gets its own latest
-    checkpoint back; otherwise `resume_from`, a checkpoint folder of another run, when given.
+    checkpoint back; otherwise `resume_from`, a checkpoint folder of another run, when given. Rank 0 passes
+    `metrics_folder`, the folder of the run's metrics log: the rows an earlier attempt logged after that position
+    are dropped (`drop_metrics_after`), so that every step is logged once, by the attempt that got the furthest.
     """
     import ray.train
 
@@ -46,6 +53,8 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, resume_fro
         position = load_training_state(resume_from, model, optimizer)
     if ray.train.get_context().get_world_rank() == 0 and position["step"]:
         log.info("resumed at step %d", position["step"])
+    if metrics_folder is not None:
+        drop_metrics_after(metrics_folder, position["step"])
     return position
 
 
@@ -80,6 +89,30 @@ def append_metrics(folder: Path, metrics: Mapping[str, float]) -> None:
     """Append one JSON line to the run's metrics log (rank 0 only: one writer)."""
     with open(folder / METRICS_FILE, "a") as f:
         f.write(json.dumps(metrics) + "\n")
+
+
+def drop_metrics_after(folder: Path, step: int) -> int:
+    """Drop the rows of the run's metrics log with a step above `step`: what an earlier attempt logged after the
+    checkpoint this one restarts from, which this attempt logs again. Rewritten atomically (a kill leaves the old
+    file or the new one), and only when there is something to drop. Returns the number of rows dropped."""
+    path = Path(folder) / METRICS_FILE
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if _logged_step(line) <= step]  # a line a kill cut short goes too
+    if len(keep) == len(lines):
+        return 0
+    storage.atomic_write(path, lambda tmp: tmp.write_text("".join(keep)))
+    log.info("metrics: dropped %d rows logged after step %d by an earlier attempt", len(lines) - len(keep), step)
+    return len(lines) - len(keep)
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics line; infinity for one that is not a whole JSON row (it is dropped)."""
+    try:
+        return float(json.loads(line)["step"]) if line.endswith("\n") else float("inf")
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def inject_failure(at_step: int | None, step: int, rank: int, output: str | Path) -> None:
