@@ -89,18 +89,12 @@ def measure(args: argparse.Namespace, cpus: int, scratch: Path) -> dict[str, Any
     import ray
 
     from dreamdiff.data.preprocess import run
+    from dreamdiff.ray_init import start_local_ray
 
     output = scratch / f"shards-{cpus}cpu"
     cfg = bench_config(args, output)
     began = time.perf_counter()
-    ray.init(
-        address="local",
-        num_cpus=cpus,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    start_local_ray(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray_init_s = time.perf_counter() - began
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False

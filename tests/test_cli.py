@@ -98,7 +98,8 @@ import logging
 from dreamdiff.cli import quiet_local_ray_logs
 quiet_local_ray_logs()
 import ray
-ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+from dreamdiff.ray_init import start_local_ray
+start_local_ray(num_cpus=1, include_dashboard=False, configure_logging=False)
 
 @ray.remote
 def warn() -> None:

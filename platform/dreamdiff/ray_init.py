@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import ray
 
@@ -19,7 +23,8 @@ def init_ray(cfg: RayInitConfig) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        with _loopback_node() if _is_loopback_address(address) else contextlib.nullcontext():
+            ray.init(address=address, log_to_driver=True)
         log.info("joined the Ray cluster at %s", address)
         return
     start_local_ray(num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard, configure_logging=False)
@@ -28,6 +33,7 @@ def init_ray(cfg: RayInitConfig) -> None:
 
 LOCAL_NODE_ENV = {"RAY_ADDRESS": "local", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 LOCAL_DRIVER_ENV = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}
+LOOPBACK = "127.0.0.1"
 
 
 def start_local_ray(**kwargs: object) -> None:
@@ -49,6 +55,8 @@ def start_local_ray(**kwargs: object) -> None:
     process that a small machine pays for in start-up time and memory.
 
     A cluster's own processes, and drivers that join a cluster, never see these.
+
+    The node's address is 127.0.0.1 (see `_loopback_node`), so what this starts listens on loopback only.
     """
     saved = {name: os.environ.get(name) for name in LOCAL_NODE_ENV}
     os.environ["RAY_ADDRESS"] = LOCAL_NODE_ENV["RAY_ADDRESS"]  # inherited by the node's processes, spawned now
@@ -56,10 +64,49 @@ def start_local_ray(**kwargs: object) -> None:
     for name, value in LOCAL_DRIVER_ENV.items():
         os.environ.setdefault(name, value)
     try:
-        ray.init(_node_ip_address="127.0.0.1", **kwargs)  # type: ignore[arg-type]
+        with _loopback_node():
+            ray.init(_node_ip_address=LOOPBACK, **kwargs)  # type: ignore[arg-type]
     finally:
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != LOOPBACK:  # a Ray whose address selection changed: its servers listen beyond this machine
+        log.warning("the local Ray runs on %s, not %s: its ports listen on all interfaces", node_ip, LOOPBACK)
+
+
+def _is_loopback_address(address: str) -> bool:
+    """Whether a Ray address ("host:port", optionally with a scheme) names this machine's loopback interface: a
+    driver joining a local Ray started by `start_local_ray` must keep that address (see `_loopback_node`)."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "auto", a host name, a routable address
+        return False
+
+
+@contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Ray's "local only" address selection while `ray.init` starts a node, so that the node's address is 127.0.0.1.
+
+    `ray.init(_node_ip_address="127.0.0.1")` alone does not do it: Ray 2.60 replaces a loopback address with the
+    machine's routable one (`services.resolve_ip_for_localhost` -> `get_node_ip_address`) unless
+    `ray_constants.ENABLE_RAY_CLUSTER` is false, as on macOS and Windows by default (the environment variable
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read when ray is imported, too late here). The node's address decides
+    where its servers listen: on a loopback address GCS, raylet, workers, dashboard agent (gRPC, HTTP, metrics)
+    and runtime-env agent bind 127.0.0.1; on a routable one most of them bind every interface (0.0.0.0 or ::).
+    Nothing else reads the flag during `ray.init`; it is restored at once. A driver that joins such a node at
+    127.0.0.1 needs the same: Ray would otherwise rewrite the address it joins to the routable one.
+    """
+    from ray._private import ray_constants
+
+    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved

@@ -1,11 +1,15 @@
 """The same app from the command lines, each in its own process with its own local Ray: `dreamdiff serve` (Ctrl-C
-stops it) and `serve run` of a `serve build`-style YAML shaped like configs/serve-app.yaml; and the benchmark."""
+or SIGTERM stops it) and `serve run` of a `serve build`-style YAML shaped like configs/serve-app.yaml; and the
+benchmark. Also the warning `dreamdiff serve` gives before it starts an HTTP proxy open to the network with auth off."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -16,12 +20,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import requests
 import yaml
 
-from dreamdiff.config import REPO_CONFIGS
+from dreamdiff.config import REPO_CONFIGS, ServeConfig
+from dreamdiff.errors import DreamdiffError
 from dreamdiff.serve.client import ServeClient
+from dreamdiff.serve.runner import exposure_warning, start
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -41,6 +48,7 @@ class Command:
         self.proc = subprocess.Popen(
             argv, cwd=cwd, env={**env, "TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0"},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_interruptible,
+            start_new_session=True,  # its own process group, which its local Ray's processes join
         )  # fmt: skip
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
@@ -59,10 +67,11 @@ class Command:
                 pytest.fail(f"no {what} in {limit_s} s:\n{self.output[-3000:]}")
             time.sleep(0.5)
 
-    def stop(self, limit_s: float = 240) -> int:
-        """Ctrl-C, then the exit status (killed if not stopped in time: Serve and Ray took up to 110 s here)."""
+    def stop(self, limit_s: float = 240, signum: int = signal.SIGINT) -> int:
+        """Ctrl-C (or `signum`), then the exit status (killed if not stopped in time: Serve and Ray can be slow to
+        stop on a busy machine)."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(signum)
         try:
             self.proc.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
@@ -74,13 +83,16 @@ class Command:
 
 @contextmanager
 def _command(argv: list[str], cwd: Path) -> Iterator[Command]:
-    """Short TMPDIR (Ray's socket paths must be short); always stopped and reaped."""
+    """Short TMPDIR (Ray's socket paths must be short); always stopped and reaped, and whatever is left of its
+    process group (its local Ray's processes) killed."""
     with tempfile.TemporaryDirectory(prefix="ddsv-") as tmp:
         command = Command(argv, cwd, tmp)
         try:
             yield command
         finally:
             command.stop()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(command.proc.pid, signal.SIGKILL)
 
 
 def _healthy(url: str) -> bool:
@@ -102,6 +114,43 @@ def test_dreamdiff_serve_runs_until_ctrl_c(
         assert len(result.images) == 2 and result.metadata["steps"] == 2
         assert command.stop() == 0, command.output[-3000:]
     assert "dreamdiff serve: stopped" in command.output
+
+
+@pytest.mark.slow
+def test_dreamdiff_serve_stops_on_sigterm(tiny_checkpoint: Path, free_port: int, tmp_path: Path) -> None:
+    """SIGTERM (`ray job stop`, a pod's shutdown) takes Ctrl-C's path: the app is deleted, "stopped" printed, exit
+    status 0, and the process's own local Ray goes with it. `ray.init` installs a SIGTERM handler of its own (exit
+    at once, or drain and kill the local node), so `dreamdiff serve` installs its handlers again once Ray is up."""
+    argv = [str(BIN / "dreamdiff"), "serve", "--config", "serve-demo", f"checkpoint={tiny_checkpoint}"]
+    url = f"http://127.0.0.1:{free_port}"
+    ray_processes: list[psutil.Process] = []
+    with _command([*argv, f"port={free_port}", "defaults.steps=2", "ray.num_cpus=2"], tmp_path) as command:
+        try:
+            command.wait_for(lambda: _healthy(url), "answer from /healthz")
+            ray_processes = psutil.Process(command.proc.pid).children(recursive=True)
+            assert ray_processes, "no local Ray processes under `dreamdiff serve`"
+            tick = time.monotonic()
+            status = command.stop(limit_s=STOP_LIMIT_S, signum=signal.SIGTERM)
+            assert time.monotonic() - tick < STOP_LIMIT_S, f"not stopped in {STOP_LIMIT_S} s:\n{command.output[-3000:]}"
+            assert status == 0, command.output[-3000:]
+            assert "dreamdiff serve: deleted the application" in command.output, command.output[-3000:]
+            assert "dreamdiff serve: stopped" in command.output
+            assert not _listening(free_port), "the Serve proxy still answers after the driver stopped"
+            _, alive = psutil.wait_procs(ray_processes, timeout=30)
+            assert not alive, f"Ray processes outlived `dreamdiff serve`: {[p.pid for p in alive]}"
+        finally:
+            for proc in ray_processes:  # only the processes this test's command started
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+
+
+STOP_LIMIT_S = 60
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.mark.slow
@@ -141,3 +190,39 @@ def test_benchmark_inprocess_mode_needs_no_ray(tmp_path: Path) -> None:
     assert row["mode"] == "inprocess" and row["errors"] == 0 and row["requests"] == 24
     assert row["p95_s"] >= row["p50_s"] > 0 and row["requests_per_s"] > 0 and row["batch_size_max"] > 1
     assert row["device"].startswith("cpu") and row["config"]["steps"] == 2
+
+
+@pytest.mark.parametrize(
+    ("host", "auth", "warned"),
+    [
+        ("0.0.0.0", False, True),
+        ("::", False, True),
+        ("10.1.2.3", False, True),
+        ("serve.example.com", False, True),  # a name may resolve to any interface
+        ("0.0.0.0", True, False),
+        ("127.0.0.1", False, False),
+        ("127.0.0.2", False, False),
+        ("localhost", False, False),
+        ("::1", False, False),
+        ("[::1]", False, False),
+    ],
+)
+def test_an_http_proxy_open_to_the_network_without_auth_is_warned_of(host: str, auth: bool, warned: bool) -> None:
+    cfg = ServeConfig(checkpoint="unused", host=host, auth={"enabled": auth})
+    message = exposure_warning(cfg)
+    assert (message is not None) == warned
+    if warned:
+        assert f"{host}:8000" in message and "auth.enabled=true" in message
+
+
+def test_start_warns_once_on_stderr_and_in_the_log_before_anything_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
+) -> None:
+    """Through `start` itself, stopped by its first check (no generator in the checkpoint) before Ray starts."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = ServeConfig(checkpoint=str(tmp_path), host="0.0.0.0")
+    with caplog.at_level(logging.WARNING, logger="dreamdiff.serve.runner"), pytest.raises(DreamdiffError):
+        start(cfg)
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert len(stderr) == 1 and stderr[0].startswith("dreamdiff serve: warning: ") and "0.0.0.0:8000" in stderr[0]
+    assert [r.levelno for r in caplog.records if "auth off" in r.getMessage()] == [logging.WARNING]

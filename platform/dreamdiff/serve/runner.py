@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -18,9 +21,16 @@ from dreamdiff.models.generator import SPEC_FILE
 from dreamdiff.ray_init import init_ray
 from dreamdiff.serve.app import absolute_paths, build_application
 
+log = logging.getLogger(__name__)
 
-def start(cfg: ServeConfig) -> str:
-    """Join or start Ray, start Serve on cfg.host:cfg.port, deploy; returns the API's base URL once it runs."""
+
+def start(cfg: ServeConfig, *, own_stop_signals: bool = False) -> str:
+    """Join or start Ray, start Serve on cfg.host:cfg.port, deploy; returns the API's base URL once it runs.
+
+    own_stop_signals: take SIGTERM and SIGINT back once Ray is up (see `_own_stop_signals`), for a process that
+    serves until stopped; only from the main thread.
+    """
+    warn_if_exposed(cfg)
     joining = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if not joining and not (Path(cfg.checkpoint) / SPEC_FILE).is_file():  # on a cluster only replicas may see it
         raise DreamdiffError(
@@ -29,6 +39,8 @@ def start(cfg: ServeConfig) -> str:
         )
     cfg = absolute_paths(cfg)
     init_ray(cfg.ray)
+    if own_stop_signals:
+        _own_stop_signals()
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     try:
         serve.run(build_application(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
@@ -42,22 +54,75 @@ def start(cfg: ServeConfig) -> str:
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
 
 
+def exposure_warning(cfg: ServeConfig) -> str | None:
+    """The warning for an HTTP proxy that listens beyond this machine with the API's auth off, else None: anyone
+    who reaches the port can then generate images (and use its GPUs)."""
+    if cfg.auth.enabled or _is_loopback(cfg.host):
+        return None
+    return (
+        f"Serve's HTTP proxy listens on {cfg.host}:{cfg.port}, reachable from other machines, with auth off: "
+        "anyone who reaches it can call the API. Set auth.enabled=true (and auth.token_file), or host=127.0.0.1 "
+        "behind a proxy or port-forward that authenticates."
+    )
+
+
+def warn_if_exposed(cfg: ServeConfig) -> None:
+    """Log `exposure_warning` and print it as one line on stderr (where an operator starting `dreamdiff serve`
+    looks), once per start."""
+    message = exposure_warning(cfg)
+    if message is not None:
+        log.warning(message)
+        print(f"dreamdiff serve: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and "localhost"; any other name or address (0.0.0.0, ::, a LAN address) is not."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost: it may resolve to anything
+        return False
+
+
 def _reason(text: str) -> str:
     """The replica's own error out of Serve's deploy failure (which wraps it in tracebacks), else its last line."""
     ours = [line.split("DreamdiffError: ", 1)[1] for line in text.splitlines() if "DreamdiffError: " in line]
     return ours[-1] if ours else text.strip().splitlines()[-1]
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _force_exit(signum: int, frame: object) -> None:
+    """A second signal while the app is being deleted: leave now (Python's exit still runs Ray's clean-up)."""
+    raise SystemExit(128 + signum)
+
+
+def _own_stop_signals() -> None:
+    """SIGTERM and SIGINT raise KeyboardInterrupt, which `run` turns into deleting the app.
+
+    Called again once Ray is up: `ray.init` replaces the SIGTERM handler (in Python, one that exits at once, or
+    for a local Ray drains and kills the node) and its core worker installs a native crash handler for SIGTERM
+    that aborts the process; either way the app would not be deleted. A signal ignored when this process started
+    (`nohup`, a background job's SIGINT) stays ignored.
+    """
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _interrupt)
+
+
 def run(cfg: ServeConfig) -> None:
     """Serve until Ctrl-C or SIGTERM (`ray job stop`, a pod's shutdown), then delete the app: Serve apps outlive
-    the driver that deployed them on a cluster. An interrupt during the start deletes what was deployed."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    the driver that deployed them on a cluster. An interrupt during the start deletes what was deployed. A
+    stopped server returns normally (exit status 0), whichever of the two signals stopped it."""
+    _own_stop_signals()
     try:
-        url = start(cfg)
+        url = start(cfg, own_stop_signals=True)
         print(
             f"dreamdiff serve: {url}/v1/generate (POST EEG), {url}/v1/model, {url}/healthz, {url}/docs; Ctrl-C stops",
             flush=True,
@@ -65,7 +130,21 @@ def run(cfg: ServeConfig) -> None:
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:
-        if ray.is_initialized():
-            with contextlib.suppress(RayServeException):  # Serve not started yet: nothing to delete
-                serve.delete(cfg.app_name)
+        for signum in STOP_SIGNALS:
+            if signal.getsignal(signum) is _interrupt:
+                signal.signal(signum, _force_exit)
+        _delete_app(cfg.app_name)
         print("dreamdiff serve: stopped", flush=True)
+
+
+def _delete_app(name: str) -> None:
+    """Delete the app and wait until Serve reports it gone. On a cluster the request reaches the controller at
+    once, so the app goes even if the driver is killed while waiting (`ray job stop` waits only a few seconds
+    before SIGKILL); the HTTP proxy stays, as Serve on a cluster is shared."""
+    if not ray.is_initialized():
+        return
+    try:
+        serve.delete(name)
+    except RayServeException:  # Serve not started yet: nothing to delete
+        return
+    print(f"dreamdiff serve: deleted the application {name!r}", flush=True)
