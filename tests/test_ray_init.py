@@ -24,7 +24,8 @@ def test_local_node_processes_inherit_the_local_settings(ray_local: None) -> Non
     def environment() -> dict[str, str | None]:
         return {name: os.environ.get(name) for name in LOCAL_NODE_ENV}
 
-    # RAY_ADDRESS=local keeps Ray Train's placement-group cleaner on this instance; no preemption watcher actor
+    # RAY_ADDRESS=local keeps Ray Train's placement-group cleaner on this instance; no preemption watcher actor;
+    # the Train controller polls its workers every 0.1 s
     assert ray.get(environment.remote()) == LOCAL_NODE_ENV
     assert all(name not in os.environ for name in LOCAL_NODE_ENV)  # the driver's environment is restored
 

@@ -31,13 +31,17 @@ def init_ray(cfg: RayInitConfig) -> None:
     log.info("started a local Ray (%s CPUs)", ray.cluster_resources().get("CPU"))
 
 
-LOCAL_NODE_ENV = {"RAY_ADDRESS": "local", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+LOCAL_NODE_ENV = {
+    "RAY_ADDRESS": "local",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+}
 LOCAL_DRIVER_ENV = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}
 LOOPBACK = "127.0.0.1"
 
 
 def start_local_ray(**kwargs: object) -> None:
-    """`ray.init` of a new local instance on 127.0.0.1 whose processes inherit two settings (`LOCAL_NODE_ENV`),
+    """`ray.init` of a new local instance on 127.0.0.1 whose processes inherit three settings (`LOCAL_NODE_ENV`),
     and one setting for the driver itself (`LOCAL_DRIVER_ENV`).
 
     RAY_ADDRESS=local: Ray Train's PlacementGroupCleaner finds its cluster through the environment;
@@ -48,6 +52,11 @@ def start_local_ray(**kwargs: object) -> None:
     RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0 (unless set already): the watcher is one more actor per trainer that
     polls for nodes about to be drained, and a single local node has none; on a laptop each actor slows the
     start.
+
+    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.1 (unless set already; Ray's default is 2 s): the Train controller polls
+    its workers this often, and a worker's `ray.train.report` (every checkpoint, every Tune report) waits for the
+    next poll, as does the end of a run; on one machine a poll is a local call, and at 2 s each short run spends
+    more time waiting than working. A missed poll is retried, not taken for a dead worker.
 
     RAY_DATA_PARQUET_FOOTER_NUM_ACTORS=1 (unless set already) stays set in this process, where Ray Data plans
     its reads: each Parquet read starts a pool of actors that read the files' footers, 32 by default, sized
@@ -60,7 +69,8 @@ def start_local_ray(**kwargs: object) -> None:
     """
     saved = {name: os.environ.get(name) for name in LOCAL_NODE_ENV}
     os.environ["RAY_ADDRESS"] = LOCAL_NODE_ENV["RAY_ADDRESS"]  # inherited by the node's processes, spawned now
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", LOCAL_NODE_ENV["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"])
+    for name, value in LOCAL_NODE_ENV.items():
+        os.environ.setdefault(name, value)
     for name, value in LOCAL_DRIVER_ENV.items():
         os.environ.setdefault(name, value)
     try:
