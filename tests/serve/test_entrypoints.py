@@ -1,5 +1,5 @@
-"""The same app from the command lines, each in its own process with its own local Ray: `dreamdiff serve` (Ctrl-C
-or SIGTERM stops it) and `serve run` of a `serve build`-style YAML shaped like configs/serve-app.yaml; and the
+"""The same app from the command lines, each in its own process with its own local Ray: `dreamdiff serve` (SIGTERM
+or Ctrl-C stops it) and `serve run` of a `serve build`-style YAML shaped like configs/serve-app.yaml; and the
 benchmark. Also the warning `dreamdiff serve` gives before it starts an HTTP proxy open to the network with auth off."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import yaml
 from dreamdiff.config import REPO_CONFIGS, ServeConfig
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.serve.client import ServeClient
-from dreamdiff.serve.runner import exposure_warning, start
+from dreamdiff.serve.runner import STOP_SIGNALS, _interrupt, _own_stop_signals, exposure_warning, start
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -103,30 +103,21 @@ def _healthy(url: str) -> bool:
 
 
 @pytest.mark.slow
-def test_dreamdiff_serve_runs_until_ctrl_c(
+def test_dreamdiff_serve_answers_until_sigterm(
     tiny_checkpoint: Path, free_port: int, make_eeg: Callable[..., np.ndarray], tmp_path: Path
 ) -> None:
-    argv = [str(BIN / "dreamdiff"), "serve", "--config", "serve-demo", f"checkpoint={tiny_checkpoint}"]
-    url = f"http://127.0.0.1:{free_port}"
-    with _command([*argv, f"port={free_port}", "defaults.steps=2", "ray.num_cpus=2"], tmp_path) as command:
-        command.wait_for(lambda: f"dreamdiff serve: {url}/v1/generate" in command.output, "URL printed")
-        result = ServeClient(url).generate(make_eeg(), num_images=2, seed=1)
-        assert len(result.images) == 2 and result.metadata["steps"] == 2
-        assert command.stop() == 0, command.output[-3000:]
-    assert "dreamdiff serve: stopped" in command.output
-
-
-@pytest.mark.slow
-def test_dreamdiff_serve_stops_on_sigterm(tiny_checkpoint: Path, free_port: int, tmp_path: Path) -> None:
-    """SIGTERM (`ray job stop`, a pod's shutdown) takes Ctrl-C's path: the app is deleted, "stopped" printed, exit
-    status 0, and the process's own local Ray goes with it. `ray.init` installs a SIGTERM handler of its own (exit
-    at once, or drain and kill the local node), so `dreamdiff serve` installs its handlers again once Ray is up."""
+    """`dreamdiff serve` prints its URL and answers; SIGTERM (`ray job stop`, a pod's shutdown) takes Ctrl-C's path:
+    the app is deleted, "stopped" printed, exit status 0, and the process's own local Ray goes with it. `ray.init`
+    installs a SIGTERM handler of its own (exit at once, or drain and kill the local node), so `dreamdiff serve`
+    installs its handlers again once Ray is up (Ctrl-C's: `test_ctrl_c_and_sigterm_share_the_stop_path`)."""
     argv = [str(BIN / "dreamdiff"), "serve", "--config", "serve-demo", f"checkpoint={tiny_checkpoint}"]
     url = f"http://127.0.0.1:{free_port}"
     ray_processes: list[psutil.Process] = []
     with _command([*argv, f"port={free_port}", "defaults.steps=2", "ray.num_cpus=2"], tmp_path) as command:
         try:
-            command.wait_for(lambda: _healthy(url), "answer from /healthz")
+            command.wait_for(lambda: f"dreamdiff serve: {url}/v1/generate" in command.output, "URL printed")
+            result = ServeClient(url).generate(make_eeg(), num_images=2, seed=1)
+            assert len(result.images) == 2 and result.metadata["steps"] == 2
             ray_processes = psutil.Process(command.proc.pid).children(recursive=True)
             assert ray_processes, "no local Ray processes under `dreamdiff serve`"
             tick = time.monotonic()
@@ -145,6 +136,26 @@ def test_dreamdiff_serve_stops_on_sigterm(tiny_checkpoint: Path, free_port: int,
 
 
 STOP_LIMIT_S = 60
+
+
+def test_ctrl_c_and_sigterm_share_the_stop_path() -> None:
+    """Both signals raise KeyboardInterrupt, which `run` turns into deleting the app; one ignored when the process
+    started (`nohup`, a background job's SIGINT) stays ignored."""
+    saved = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _own_stop_signals()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is _interrupt
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        _own_stop_signals()
+        assert signal.getsignal(signal.SIGINT) is _interrupt
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
 
 
 def _listening(port: int) -> bool:
