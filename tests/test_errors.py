@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from tests.shards import epoch_columns, write_subject
 
 from dreamdiff.cli import main
-from dreamdiff.data.schema import DONE, epoch_schema, to_table
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.generator import SPEC_FILE, WEIGHTS_FILE
 from dreamdiff.train.checkpoint import MODEL_FILE, save_training_state
@@ -32,24 +32,7 @@ ROWS = 24  # per subject: one batch of 16 and a held-out subject
 
 def _write_subject(folder: Path, subject: int, rows: int = ROWS) -> Path:
     """An EEG-only shard as preprocess writes it (done-marker listing it); returns the Parquet file."""
-    rng = np.random.default_rng(subject)
-    start = np.arange(rows) * 512
-    columns: dict[str, Any] = {
-        "epoch_id": [f"Rest/{subject}/0/0/{s}" for s in start],
-        "eeg": rng.standard_normal((rows, 128, 512)).astype(np.float16),
-        "channel_mask": np.ones((rows, 128), dtype=np.uint8),
-        "dataset": ["Rest"] * rows,
-        "subject": np.full(rows, subject, dtype=np.int32),
-        "session": ["0"] * rows,
-        "run": ["0"] * rows,
-        "start": start,
-        "sfreq": np.full(rows, 250.0, dtype=np.float32),
-        "n_channels_orig": np.full(rows, 128, dtype=np.int16),
-    }
-    folder.mkdir(parents=True)
-    pq.write_table(to_table(columns, epoch_schema()), folder / "part-00000.parquet")
-    (folder / DONE).write_text(json.dumps({"files": ["part-00000.parquet"]}))
-    return folder / "part-00000.parquet"
+    return write_subject(folder, epoch_columns("Rest", subject, rows, np.random.default_rng(subject)))
 
 
 def _truncate(path: Path) -> None:

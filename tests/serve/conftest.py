@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -34,12 +35,9 @@ def token() -> str:
     return TOKEN
 
 
-@pytest.fixture(scope="module")
-def serve_app(
-    ray_local: None, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServeConfig]:
-    """One running Serve app per test module (a start costs seconds), shut down at the module's end: the demo
-    config on the tiny checkpoint, auth on, a free port, limits small enough for tests to reach."""
+def running_app(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, **settings: Any) -> Iterator[ServeConfig]:
+    """Serve the demo config on `checkpoint` with auth on (TOKEN), a free port and `settings` over it; shut down
+    when the generator is closed (a module fixture's lifetime: a start costs seconds)."""
     from ray import serve
 
     from dreamdiff.serve.app import config_from_args
@@ -50,23 +48,32 @@ def serve_app(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    auth = {"enabled": True, "token_file": str(token_file)}
     cfg = config_from_args(
-        {
-            "config": "serve-demo",
-            "checkpoint": str(tiny_checkpoint),
-            "port": port,
-            "auth": {"enabled": True, "token_file": str(token_file)},
-            "defaults.steps": 4,
-            "limits.max_body_bytes": 2**21,
-            "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
-            "num_cpus": 0.5,
-        }
+        {"config": "serve-demo", "checkpoint": str(checkpoint), "port": port, "auth": auth, **settings}
     )
     start(cfg)
     try:
         yield cfg
     finally:
         serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def serve_app(
+    ray_local: None, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServeConfig]:
+    """One running Serve app per test module on the tiny checkpoint, limits small enough for tests to reach."""
+    yield from running_app(
+        tiny_checkpoint,
+        tmp_path_factory,
+        **{
+            "defaults.steps": 4,
+            "limits.max_body_bytes": 2**21,
+            "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+            "num_cpus": 0.5,
+        },
+    )
 
 
 @pytest.fixture(scope="module")

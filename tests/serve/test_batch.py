@@ -21,10 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
+from tests.shards import epoch_columns, write_subject
 
 from dreamdiff.cli import main
 from dreamdiff.config import GenerateConfig
-from dreamdiff.data.schema import DONE, epoch_schema, paired_schema, to_table
 from dreamdiff.generation import eeg_seed, png_name
 from dreamdiff.models.generator import Generator
 from dreamdiff.serve.batch import run
@@ -43,36 +43,13 @@ def _png(colour: int) -> bytes:
     return buffer.getvalue()
 
 
-def _write_subject(folder: Path, columns: dict[str, Any], paired: bool) -> None:
-    folder.mkdir(parents=True)
-    schema = paired_schema() if paired else epoch_schema()
-    pq.write_table(to_table(columns, schema), folder / "part-00000.parquet")
-    (folder / DONE).write_text(json.dumps({"files": ["part-00000.parquet"]}))
-
-
-def _epoch_columns(dataset: str, subject: int, n: int, rng: np.random.Generator) -> dict[str, Any]:
-    start = np.arange(n) * 512
-    return {
-        "epoch_id": [f"{dataset}/{subject}/0/0/{s}" for s in start],
-        "eeg": rng.standard_normal((n, 128, 512)).astype(np.float16),
-        "channel_mask": np.ones((n, 128), dtype=np.uint8),
-        "dataset": [dataset] * n,
-        "subject": np.full(n, subject, dtype=np.int32),
-        "session": ["0"] * n,
-        "run": ["0"] * n,
-        "start": start,
-        "sfreq": np.full(n, 250.0, dtype=np.float32),
-        "n_channels_orig": np.full(n, 128, dtype=np.int16),
-    }
-
-
 @pytest.fixture(scope="module")
 def world(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("batch")
     rng = np.random.default_rng(0)
     eeg: dict[str, np.ndarray] = {}
     for subject in (1, 2):
-        columns = _epoch_columns("Synth EEG/Image", subject, PAIRED_ROWS, rng)  # a name that needs sanitising
+        columns = epoch_columns("Synth EEG/Image", subject, PAIRED_ROWS, rng)  # a name that needs sanitising
         columns.update(
             image=[_png(i) for i in range(PAIRED_ROWS)],
             image_id=[f"img-{i}" for i in range(PAIRED_ROWS)],
@@ -81,10 +58,10 @@ def world(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> di
             split=SPLITS,
             block=np.zeros(PAIRED_ROWS, dtype=np.int32),
         )
-        _write_subject(root / "shards" / "paired" / f"subject-{subject}", columns, paired=True)
+        write_subject(root / "shards" / "paired" / f"subject-{subject}", columns, paired=True)
         eeg.update(zip(columns["epoch_id"], columns["eeg"], strict=True))
-    columns = _epoch_columns("Rest", 3, EPOCH_ROWS, rng)
-    _write_subject(root / "shards" / "epochs" / "subject-3", columns, paired=False)
+    columns = epoch_columns("Rest", 3, EPOCH_ROWS, rng)
+    write_subject(root / "shards" / "epochs" / "subject-3", columns, paired=False)
     eeg.update(zip(columns["epoch_id"], columns["eeg"], strict=True))
 
     return {"root": root, "shards": root / "shards", "generator": tiny_checkpoint, "eeg": eeg}

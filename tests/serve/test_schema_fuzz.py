@@ -5,7 +5,6 @@ stays healthy. A bounded number of examples keeps it a CI test."""
 from __future__ import annotations
 
 import io
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from tests.serve.conftest import TOKEN
+from tests.serve.conftest import TOKEN, running_app
 
 from dreamdiff.config import ServeConfig
 
@@ -29,32 +28,11 @@ def serve_app(
     ray_local: None, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServeConfig]:
     """conftest's app with LIMITS (this module's own)."""
-    from ray import serve
-
-    from dreamdiff.serve.app import config_from_args
-    from dreamdiff.serve.runner import start
-
-    token_file = tmp_path_factory.mktemp("serve-auth") / "token"
-    token_file.write_text(TOKEN + "\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = config_from_args(
-        {
-            "config": "serve-demo",
-            "checkpoint": str(tiny_checkpoint),
-            "port": port,
-            "auth": {"enabled": True, "token_file": str(token_file)},
-            "defaults.steps": 2,
-            "limits": {**LIMITS, "max_body_bytes": 2**20},
-            "num_cpus": 0.5,
-        }
+    yield from running_app(
+        tiny_checkpoint,
+        tmp_path_factory,
+        **{"defaults.steps": 2, "limits": {**LIMITS, "max_body_bytes": 2**20}, "num_cpus": 0.5},
     )
-    start(cfg)
-    try:
-        yield cfg
-    finally:
-        serve.shutdown()
 
 
 @st.composite
