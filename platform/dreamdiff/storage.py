@@ -135,6 +135,10 @@ def remove_tree(location: str | Path) -> None:
         fs.delete_dir(path)
 
 
+#: the temporary name `atomic_write` gives a file while it is written (`name`: the file's own name)
+ATOMIC_TEMP = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{12}\.tmp$")
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     """Call write(tmp_path), then rename the finished file over the local `path` (same folder, same filesystem):
     a killed writer never leaves a partial file under the real name."""

@@ -21,8 +21,8 @@ part) are removed after a complete run.
 Only our own files are ever removed or overwritten. `generation.json` marks a folder as a generate output: a run
 takes an output folder that is new, empty or marked, and refuses any other (error naming `output`), since it would
 write `config.yaml`, `index.json`, ... over whatever is there. In a marked folder the clean-up removes only files
-named as this stage names them (`OWN_TEMP`, `OWN_PNG`, in the folders it writes), so notes, other images and other
-temporary files put there are left as they are.
+named as this stage names them (`storage.ATOMIC_TEMP`, `OWN_PNG`, in the folders it writes), so notes, other
+images and other temporary files put there are left as they are.
 
 Each actor samples through :func:`dreamdiff.generation.generate`, the path the evaluate stage uses: EEG e samples from
 ``eeg_seed(seed, epoch_id)``, image j as the Generator documents, so an image depends on the EEG id, the seed and
@@ -62,7 +62,7 @@ from dreamdiff.models.generator import (
     read_generator_meta,
 )
 from dreamdiff.models.sampling import Compile, torch_compile_mode
-from dreamdiff.storage import atomic_write
+from dreamdiff.storage import ATOMIC_TEMP, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,6 @@ IMAGES_DIR = "images"
 PARTS_DIR = "index"
 INDEX_FILES = ("index.parquet", "index.json")
 CONFIG_FILE = "config.yaml"
-OWN_TEMP = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{12}\.tmp$")  # storage.atomic_write's temporary name
 OWN_PNG = re.compile(r"^[A-Za-z0-9._-]*-[0-9a-f]{8}_s[0-9]+\.png$")  # generation.png_name
 OWN_PART = re.compile(r"^part-[0-9a-f]{16}\.parquet$")  # GenerateActor's index parts
 OWN_TOP = {SETTINGS_FILE, CONFIG_FILE, *INDEX_FILES}  # what a run writes in the output folder itself
@@ -295,7 +294,7 @@ def _write_index(output: Path, parts: pa.Table) -> pa.Table:
 def _own_temp(output: Path, path: Path) -> bool:
     """Whether `path` (below `output`) is a temporary file of ours: atomic_write's name for a file this stage
     writes in that folder."""
-    match = OWN_TEMP.match(path.name)
+    match = ATOMIC_TEMP.match(path.name)
     if match is None or not path.is_file():
         return False
     name, where = match.group("name"), path.parent.relative_to(output).parts
