@@ -87,16 +87,22 @@ def start_local_ray(**kwargs: object) -> None:
         log.warning("the local Ray runs on %s, not %s: its ports listen on all interfaces", node_ip, LOOPBACK)
 
 
-def _is_loopback_address(address: str) -> bool:
-    """Whether a Ray address ("host:port", optionally with a scheme) names this machine's loopback interface: a
-    driver joining a local Ray started by `start_local_ray` must keep that address (see `_loopback_node`)."""
-    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 (bracketed or not) and "localhost"; any other name or address (0.0.0.0, ::, a LAN address,
+    "auto") is not: a host name other than localhost may resolve to anything."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # "auto", a host name, a routable address
+    except ValueError:
         return False
+
+
+def _is_loopback_address(address: str) -> bool:
+    """Whether a Ray address ("host:port", optionally with a scheme) names this machine's loopback interface: a
+    driver joining a local Ray started by `start_local_ray` must keep that address (see `_loopback_node`)."""
+    return is_loopback_host(address.split("://", 1)[-1].rsplit(":", 1)[0])
 
 
 @contextmanager

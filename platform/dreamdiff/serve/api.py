@@ -54,9 +54,9 @@ class RequestError(DreamdiffError):
         self.message = message
         self.field = field
 
-    def body(self, request_id: str | None = None) -> dict[str, Any]:
-        """The answer's JSON (ErrorResponse): the message and field, plus the request id the server logged it under."""
-        return {"error": self.message, "field": self.field, "request_id": request_id}
+    def body(self) -> dict[str, Any]:
+        """The answer's JSON (ErrorResponse) but its request id, which the ingress adds."""
+        return {"error": self.message, "field": self.field}
 
 
 # ------------------------------------------------------------------------------------------- wire models

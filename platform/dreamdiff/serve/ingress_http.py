@@ -18,6 +18,8 @@ from dreamdiff.serve.api import RequestError
 REQUEST_ID_HEADER = "X-Request-ID"
 #: A client-sent request id is used when it is this plain and short; otherwise the server makes its own.
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+#: what an error answer drains on a route that does not set its own limit (request.state.discard_bytes)
+DEFAULT_DISCARD_BYTES: int = ServeLimitsSection.model_fields["discard_bytes"].default
 
 
 class RequestIdMiddleware:
@@ -62,7 +64,7 @@ async def discard_body(request: Request) -> None:
     if getattr(request.state, "body_done", False):
         return
     request.state.body_done = True
-    budget = getattr(request.state, "discard_bytes", ServeLimitsSection().discard_bytes)
+    budget = getattr(request.state, "discard_bytes", DEFAULT_DISCARD_BYTES)
     dropped = 0
     while dropped <= budget:
         message = await request.receive()

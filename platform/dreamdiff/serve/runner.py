@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import os
 import signal
@@ -18,7 +17,7 @@ from ray.serve.exceptions import RayServeException
 from dreamdiff.config import ServeConfig
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.generator import SPEC_FILE
-from dreamdiff.ray_init import init_ray
+from dreamdiff.ray_init import init_ray, is_loopback_host
 from dreamdiff.serve.app import absolute_paths, build_application
 
 log = logging.getLogger(__name__)
@@ -57,7 +56,7 @@ def start(cfg: ServeConfig, *, own_stop_signals: bool = False) -> str:
 def exposure_warning(cfg: ServeConfig) -> str | None:
     """The warning for an HTTP proxy that listens beyond this machine with the API's auth off, else None: anyone
     who reaches the port can then generate images (and use its GPUs)."""
-    if cfg.auth.enabled or _is_loopback(cfg.host):
+    if cfg.auth.enabled or is_loopback_host(cfg.host):
         return None
     return (
         f"Serve's HTTP proxy listens on {cfg.host}:{cfg.port}, reachable from other machines, with auth off: "
@@ -73,16 +72,6 @@ def warn_if_exposed(cfg: ServeConfig) -> None:
     if message is not None:
         log.warning(message)
         print(f"dreamdiff serve: warning: {message}", file=sys.stderr, flush=True)
-
-
-def _is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 and "localhost"; any other name or address (0.0.0.0, ::, a LAN address) is not."""
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
-    except ValueError:  # a host name other than localhost: it may resolve to anything
-        return False
 
 
 def _reason(text: str) -> str:

@@ -36,7 +36,7 @@ def training_dataset(files: list[str], columns: Sequence[str], *, seed: int, cac
     seeded random order; with `cache`, read once and kept in the object store for later epochs."""
     import ray.data
 
-    from dreamdiff.data.reader import locate_unreadable
+    from dreamdiff.data.reader import READ_ERRORS, locate_unreadable
 
     filesystem, _ = storage.resolve(files[0])
     try:
@@ -48,6 +48,8 @@ def training_dataset(files: list[str], columns: Sequence[str], *, seed: int, cac
         dataset.context.enable_progress_bars = False  # the loop logs its own progress, per step
         return dataset.materialize() if cache else dataset
     except Exception as err:  # Ray Data's read errors, raw or wrapped, name no file: find the one that fails
+        if not any(isinstance(cause, READ_ERRORS) for cause in _causes(err)):
+            raise
         found = locate_unreadable(files)
         if found is None:
             raise
