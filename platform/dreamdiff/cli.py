@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     from dreamdiff.serve import request_cli  # argparse only
 
     request_cli.add_arguments(sub.add_parser("request", help=request_cli.HELP, description=request_cli.DESCRIPTION))
+    from dreamdiff.reference import cli as reference_cli  # argparse only
+
+    reference_cli.add_arguments(
+        sub.add_parser("import-reference", help=reference_cli.HELP, description=reference_cli.DESCRIPTION)
+    )
     return parser
 
 
@@ -96,6 +101,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dreamdiff.serve import request_cli
 
         return request_cli.run(args)
+    if args.stage == "import-reference":  # a converter of files, not a stage with a config
+        from dreamdiff.reference import cli as reference_cli
+
+        try:
+            return reference_cli.run(args)
+        except DreamdiffError as err:
+            return report_error(args.stage, err)
     stage = STAGES[args.stage]
     quiet_local_ray_logs()
     try:

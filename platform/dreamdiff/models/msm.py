@@ -21,6 +21,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from dreamdiff.configbase import StrictModel
+from dreamdiff.models.profile import Profile
 
 _SIZE_FIELDS = (
     "embed_dim",
@@ -72,6 +73,11 @@ class MSMConfig(StrictModel):
     decoder_num_heads: int = Field(ge=1)
     mask_ratio: float = Field(0.75, gt=0.0, lt=1.0, description="share of tokens hidden; > 0 or nothing is learned")
     norm_target: bool = False
+    profile: Profile = Field(
+        "dreamdiff",
+        description="reference: the DreamDiffusion code's LayerNorm eps (1e-5) and, downstream, no cls token "
+        "(dreamdiff.models.profile)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -106,10 +112,19 @@ class MSMConfig(StrictModel):
         """Tokens per window: T / patch_size."""
         return self.num_samples // self.patch_size
 
+    def architecture(self) -> dict[str, Any]:
+        """The settings that fix the weights' shapes and the forward pass (not training's, like the mask ratio)."""
+        return {k: getattr(self, k) for k in ("num_channels", "num_samples", "patch_size", *_SIZE_FIELDS, "profile")}
+
+    @property
+    def layer_norm_eps(self) -> float:
+        """The LayerNorms' eps: 1e-6 (ours, as MAE's ViT) or 1e-5 (the reference code's, PyTorch's default)."""
+        return 1e-5 if self.profile == "reference" else 1e-6
+
     @property
     def num_visible(self) -> int:
-        """Tokens the encoder sees in pretraining: round(L * (1 - mask_ratio))."""
-        return round(self.num_tokens * (1 - self.mask_ratio))
+        """Tokens the encoder sees in pretraining (`visible_tokens`)."""
+        return visible_tokens(self.num_tokens, self.mask_ratio, self.profile)
 
 
 @dataclass
@@ -187,16 +202,22 @@ def masked_mse(
     return (per_token * mask).sum() / mask.sum().clamp_min(1)
 
 
+def visible_tokens(num_tokens: int, mask_ratio: float, profile: Profile = "dreamdiff") -> int:
+    """Tokens kept visible: round(L * (1 - mask_ratio)); the reference code truncates (int) instead."""
+    kept = num_tokens * (1 - mask_ratio)
+    return int(kept) if profile == "reference" else round(kept)
+
+
 def random_masking(
-    tokens: Tensor, mask_ratio: float, generator: torch.Generator | None = None
+    tokens: Tensor, mask_ratio: float, generator: torch.Generator | None = None, profile: Profile = "dreamdiff"
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Keep round(L * (1 - mask_ratio)) random tokens per sample (MAE's argsort of uniform noise).
+    """Keep `visible_tokens` random tokens per sample (MAE's argsort of uniform noise).
 
     Returns the kept tokens [B, keep, D], the mask [B, L] (1 = masked) and the permutation that puts
     [kept, masked] back in time order. `generator` must live on the tokens' device.
     """
     b, n, d = tokens.shape
-    keep = round(n * (1 - mask_ratio))
+    keep = visible_tokens(n, mask_ratio, profile)
     noise = torch.rand(b, n, device=tokens.device, generator=generator)
     ids_shuffle = noise.argsort(dim=1)
     ids_restore = ids_shuffle.argsort(dim=1)
@@ -225,12 +246,12 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block (ViT / MAE)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float = 1e-6) -> None:
         super().__init__()
         hidden = int(dim * mlp_ratio)
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -254,8 +275,9 @@ class MSMEncoder(nn.Module):
         self.patch_embed = nn.Conv1d(cfg.num_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(d))
         self.register_buffer("pos_embed", sincos_positions(d, cfg.num_tokens), persistent=False)
-        self.blocks = nn.ModuleList(Block(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(d, eps=1e-6)
+        eps = cfg.layer_norm_eps
+        self.blocks = nn.ModuleList(Block(d, cfg.num_heads, cfg.mlp_ratio, eps) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(d, eps=eps)
         self.apply(_init_linear)
         w = self.patch_embed.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear over the flattened patch
@@ -269,15 +291,21 @@ class MSMEncoder(nn.Module):
         tokens = self.patch_embed(zero_channels(eeg, channel_mask)).transpose(1, 2)
         return tokens + self.pos_embed[1:]
 
-    def encode(self, tokens: Tensor) -> Tensor:
-        """Prepend cls and run the blocks: [B, N, D] -> [B, 1 + N, D]."""
-        cls = (self.cls_token + self.pos_embed[0]).to(tokens.dtype).expand(tokens.shape[0], 1, -1)
-        x = torch.cat([cls, tokens], dim=1)
+    def encode(self, tokens: Tensor, cls: bool = True) -> Tensor:
+        """Run the blocks over the tokens, cls prepended: [B, N, D] -> [B, 1 + N, D]; without: [B, N, D]."""
+        x = tokens
+        if cls:
+            token = (self.cls_token + self.pos_embed[0]).to(tokens.dtype).expand(tokens.shape[0], 1, -1)
+            x = torch.cat([token, tokens], dim=1)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
 
     def forward(self, eeg: Tensor, channel_mask: Tensor | None = None) -> Tensor:
+        """The downstream tokens [B, T/p, D]. Ours see the cls token in the blocks (as in pretraining) and drop
+        it after; the reference profile's encoder never has it (dreamdiff.models.profile)."""
+        if self.cfg.profile == "reference":
+            return self.encode(self.embed(eeg, channel_mask), cls=False)
         return self.encode(self.embed(eeg, channel_mask))[:, 1:]
 
     def compile_blocks(self, mode: str | None = None) -> None:
@@ -296,8 +324,11 @@ class MSMDecoder(nn.Module):
         self.embed = nn.Linear(cfg.embed_dim, d)
         self.mask_token = nn.Parameter(torch.zeros(d))
         self.register_buffer("pos_embed", sincos_positions(d, cfg.num_tokens), persistent=False)
-        self.blocks = nn.ModuleList(Block(d, cfg.decoder_num_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth))
-        self.norm = nn.LayerNorm(d, eps=1e-6)
+        eps = cfg.layer_norm_eps
+        self.blocks = nn.ModuleList(
+            Block(d, cfg.decoder_num_heads, cfg.mlp_ratio, eps) for _ in range(cfg.decoder_depth)
+        )
+        self.norm = nn.LayerNorm(d, eps=eps)
         self.pred = nn.Linear(d, cfg.patch_size * cfg.num_channels)
         self.apply(_init_linear)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -334,7 +365,7 @@ class MaskedSignalModel(nn.Module):
         both the input and the loss; `generator` (on the eeg's device) fixes the mask."""
         ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
         eeg = zero_channels(eeg, channel_mask)
-        kept, mask, ids_restore = random_masking(self.encoder.embed(eeg), ratio, generator)
+        kept, mask, ids_restore = random_masking(self.encoder.embed(eeg), ratio, generator, self.cfg.profile)
         pred = self.decoder(self.encoder.encode(kept), ids_restore)
         target = patchify(eeg, self.cfg.patch_size)
         loss = masked_mse(pred, target, mask, channel_mask, self.cfg.norm_target)

@@ -25,12 +25,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import yaml
 
 from dreamdiff import storage
 from dreamdiff.config import PretrainConfig, record_config
 from dreamdiff.data.reader import TRAIN_COLUMNS, read_table, row_counts, shard_files
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.eval.probe import load_probe_sets
+from dreamdiff.models.msm import MSMConfig
 from dreamdiff.train.checkpoint import STATE_FILE, check_training_state
 from dreamdiff.train.pretrain_loop import ENCODER_FILE, steps_per_epoch, train_loop
 from dreamdiff.train.trainer import (
@@ -73,7 +75,7 @@ def latest_checkpoint(run_folder: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _resume_folder(resume_from: str | None) -> str | None:
+def _resume_folder(resume_from: str | None, model: MSMConfig) -> str | None:
     resume_from = storage.require_local(resume_from, "resume_from")
     if resume_from is None:
         return None
@@ -89,7 +91,22 @@ def _resume_folder(resume_from: str | None) -> str | None:
         check_training_state(folder)  # a truncated checkpoint fails here, naming its file, before any work
     except DreamdiffError as err:
         raise DreamdiffError(f"resume_from: {err}") from err
+    _check_model_fits(path / "config.yaml", model)
     return str(folder.resolve())
+
+
+def _check_model_fits(record: Path, model: MSMConfig) -> None:
+    """The run (or import) being continued recorded its model: sizes or a profile that differ fail here, naming
+    them, not in a worker when the weights do not load."""
+    saved = yaml.safe_load(record.read_text()) if record.is_file() else None
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+        return
+    theirs, ours = MSMConfig.model_validate(saved["model"]).architecture(), model.architecture()
+    changed = [f"model.{k}={v}" for k, v in theirs.items() if v != ours[k]]
+    if changed:
+        raise DreamdiffError(
+            f"resume_from: {record.parent} was trained with other model settings; set {' '.join(changed)}"
+        )
 
 
 def _cache(cfg: PretrainConfig, rows: int) -> bool:
@@ -144,7 +161,7 @@ def build_trainer(cfg: PretrainConfig, callbacks: Sequence[Any] = ()) -> Any:
 
     output = storage.absolute(cfg.output)
     plan = plan_run(cfg)
-    resume_from = _resume_folder(cfg.resume_from)
+    resume_from = _resume_folder(cfg.resume_from, cfg.model)
     probe = _probe_sets(cfg)
     record_config(cfg, output)
     split = json.dumps({"train": plan.train_files, "held_out": plan.val_files}, indent=1)

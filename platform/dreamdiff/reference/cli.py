@@ -1,0 +1,57 @@
+"""`dreamdiff import-reference {pretrain,generator} CHECKPOINT --out DIR`: the reference code's checkpoints in.
+
+Only argparse at import time (the CLI builds every parser for --help); the importers load when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "import a DreamDiffusion reference checkpoint (pretraining or generation) as a dreamdiff folder"
+DESCRIPTION = (
+    "Read a checkpoint of the DreamDiffusion reference code without running anything in it, map every tensor onto "
+    "dreamdiff's modules (or report it), infer the model sizes from the tensor shapes and its config, and write a "
+    "folder the other stages accept, with import.json recording the source, its sha256 and the mapping. The "
+    "imported model has `profile: reference`, which reproduces the reference's forward passes."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
+    pretrain = kinds.add_parser(
+        "pretrain",
+        help="a pretraining checkpoint (MAEforEEG) -> an encoder_checkpoint / resume_from folder",
+        description="Write msm.safetensors, config.yaml (the model section) and a step-0 training checkpoint, "
+        "usable as finetune's encoder_checkpoint and as pretrain's resume_from.",
+    )
+    pretrain.add_argument("checkpoint", help="the reference's pretraining checkpoint (.pth)")
+    pretrain.add_argument("--out", required=True, help="a new or empty folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dreamdiff.reference.import_pretrain import import_pretrain
+
+    record = import_pretrain(args.checkpoint, args.out)
+    if record.get("skipped"):
+        print(
+            f"import-reference: {args.out} already holds this checkpoint's import, skipped "
+            f"(sha256 {record['source']['sha256'][:16]})"
+        )
+        return 0
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(record["counts"].items()))
+    unused = [name for name, entry in record["tensors"].items() if entry["status"] == "unused"]
+    model = record["model"]
+    print(
+        f"import-reference: {len(record['tensors'])} tensors: {counts}"
+        + (f" ({', '.join(unused[:6])})" if unused else "")
+    )
+    print(
+        f"import-reference: MSM embed_dim {model['embed_dim']}, depth {model['depth']}, heads {model['num_heads']}, "
+        f"mlp_ratio {model['mlp_ratio']}, decoder {model['decoder_embed_dim']} x {model['decoder_depth']}, "
+        f"mask_ratio {model['mask_ratio']}, profile reference"
+    )
+    overrides = " ".join(f"model.{k}={v}" for k, v in model.items() if v is not None and k != "preset")
+    print(f"import-reference: wrote {args.out} (import.json has the mapping of every tensor)")
+    print(f"  fine-tune from it: dreamdiff finetune ... encoder_checkpoint={args.out}")
+    print(f"  continue pretraining: dreamdiff pretrain ... resume_from={args.out} {overrides}")
+    return 0
