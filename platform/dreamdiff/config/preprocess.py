@@ -10,6 +10,7 @@ from dreamdiff.config.common import RayInitConfig
 from dreamdiff.config.paths import LocalPath, Location
 from dreamdiff.configbase import StrictModel
 from dreamdiff.data.synthetic import SynthConfig
+from dreamdiff.models.profile import Profile
 
 
 class SignalSection(StrictModel):
@@ -69,12 +70,24 @@ class SynthSource(StrictModel):
 
 
 class ImageNetEEGSource(StrictModel):
+    """The ImageNet-EEG release; `profile: reference` reproduces the reference code's loading, not `signal`'s."""
+
     kind: Literal["imagenet_eeg"] = "imagenet_eeg"
     eeg_file: LocalPath
     splits_file: LocalPath
     image_dir: LocalPath
-    split_index: int = Field(default=0, ge=0)
+    split_index: int = Field(default=0, ge=0, description="which split of the splits file")
+    split_indexing: Literal["global", "subject"] = Field(
+        default="global",
+        description="what the split's indices count: the release's whole trial list (global), or the list of the "
+        "selected subjects' trials (subject)",
+    )
     subjects: list[int] | Literal["all"] = "all"
+    profile: Profile = Field(
+        default="dreamdiff",
+        description="dreamdiff: `signal`'s band-pass, crop, interpolation and normalisation; reference: samples "
+        "20..460 stretched to 512, nothing else, and trials outside 450..600 samples dropped",
+    )
 
 
 Source = Annotated[MOABBSource | SynthSource | ImageNetEEGSource, Field(discriminator="kind")]

@@ -79,8 +79,14 @@ def plan(cfg: PreprocessConfig) -> list[SubjectTask]:
         else:
             if not Path(source.image_dir).is_dir():
                 raise DreamdiffError(f"sources[{index}].image_dir: no such folder {source.image_dir}")
+            if source.profile == "reference" and cfg.signal.window != imagenet_eeg.REFERENCE_WINDOW:
+                raise DreamdiffError(
+                    f"sources[{index}].profile: reference stretches ImageNet-EEG trials to "
+                    f"{imagenet_eeg.REFERENCE_WINDOW} samples, so signal.window must be "
+                    f"{imagenet_eeg.REFERENCE_WINDOW} (got {cfg.signal.window})"
+                )
             release = imagenet_eeg.load_release(source.eeg_file)
-            imagenet_eeg.load_splits(source.splits_file, source.split_index, len(release["dataset"]))
+            _imagenet_splits(source, release)
             for subject in imagenet_eeg.subjects(release, source.subjects):
                 tasks.append(SubjectTask(index, "ImageNet-EEG", subject, "paired"))
     return tasks
@@ -188,9 +194,28 @@ def _synth_rows(task: SubjectTask, source: SynthSource, sig: SignalSection, info
     yield cols
 
 
+def _imagenet_splits(source: ImageNetEEGSource, release: dict[str, Any]) -> np.ndarray:
+    selected = imagenet_eeg.subjects(release, source.subjects)
+    return imagenet_eeg.load_splits(source.splits_file, source.split_index, release, selected, source.split_indexing)
+
+
+def _imagenet_dreamdiff_eeg(chunk: list[dict], sig: SignalSection, info: dict) -> np.ndarray:
+    crops = []
+    for t in chunk:  # trials differ in length: filter each whole, then keep 20..460 as the paper
+        filtered, info["h_freq_used"] = signal.bandpass(t["eeg"], IMAGENET_EEG_SFREQ, sig.l_freq, sig.h_freq)
+        stop = min(460, filtered.shape[-1])
+        crops.append(signal.crop_and_interpolate(filtered, start=20, stop=stop, size=sig.window))
+    return signal.normalise(np.stack(crops), mode=sig.normalise, scale=sig.scale, clip=sig.clip)
+
+
+def _imagenet_reference_eeg(chunk: list[dict]) -> np.ndarray:
+    """The reference code's windows: `signal` (band-pass, resampling, normalisation) does not apply."""
+    return np.stack([imagenet_eeg.reference_window(t["eeg"]) for t in chunk])
+
+
 def _imagenet_rows(task: SubjectTask, source: ImageNetEEGSource, sig: SignalSection, info: dict) -> Iterator[dict]:
     release = imagenet_eeg.load_release(source.eeg_file)
-    splits = imagenet_eeg.load_splits(source.splits_file, source.split_index, len(release["dataset"]))
+    splits = _imagenet_splits(source, release)
     info.update(sfreq=IMAGENET_EEG_SFREQ, skipped_images=[])
     trials = []
     for item in imagenet_eeg.subject_trials(release, splits, source.image_dir, task.subject):
@@ -198,14 +223,14 @@ def _imagenet_rows(task: SubjectTask, source: ImageNetEEGSource, sig: SignalSect
             info["skipped_images"].append({"path": item[0], "reason": item[1]})
         else:
             trials.append(item)
+    reference = source.profile == "reference"
+    if reference:  # the reference code reads only trials of 450..600 samples; the count says how many it left out
+        kept = [t for t in trials if imagenet_eeg.reference_keeps(t["eeg"])]
+        info.update(profile="reference", trials_dropped_by_length=len(trials) - len(kept))
+        trials = kept
     for first in range(0, len(trials), 256):
         chunk = trials[first : first + 256]
-        crops = []
-        for t in chunk:  # trials differ in length: filter each whole, then keep 20..460 as the paper
-            filtered, info["h_freq_used"] = signal.bandpass(t["eeg"], IMAGENET_EEG_SFREQ, sig.l_freq, sig.h_freq)
-            stop = min(460, filtered.shape[-1])
-            crops.append(signal.crop_and_interpolate(filtered, start=20, stop=stop, size=sig.window))
-        eeg = signal.normalise(np.stack(crops), mode=sig.normalise, scale=sig.scale, clip=sig.clip)
+        eeg = _imagenet_reference_eeg(chunk) if reference else _imagenet_dreamdiff_eeg(chunk, sig, info)
         info["n_channels_orig"] = eeg.shape[1]
         mask = np.ones(eeg.shape[1], dtype=bool)
         start = np.array([t["index"] for t in chunk])
