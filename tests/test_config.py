@@ -120,3 +120,15 @@ def test_run_folder_records_resolved_config_and_refuses_a_different_one(run_dir:
     with pytest.raises(ConfigError, match="different config.*epochs"):
         record_config(other, run_dir)
     assert yaml.safe_load(path.read_text())["epochs"] == cfg.epochs  # the old record is intact
+
+
+def test_a_record_from_before_a_new_field_still_resumes(run_dir: Path) -> None:
+    """A run recorded by an older dreamdiff lacks the fields added since; their defaults are no change."""
+    cfg = load_config("pretrain", "pretrain-demo")
+    path = record_config(cfg, run_dir)
+    older = yaml.safe_load(path.read_text())
+    del older["model"]["profile"], older["inject_failure_at_step"]  # written before these existed
+    path.write_text(yaml.safe_dump(older))
+    record_config(cfg, run_dir)  # a resume, allowed
+    with pytest.raises(ConfigError, match="model.profile"):  # a non-default value is a change
+        record_config(load_config("pretrain", "pretrain-demo", ["model.profile=reference"]), run_dir)

@@ -24,6 +24,8 @@ def record_config(cfg: BaseModel, run_dir: str | Path) -> Path | str:
     path = storage.join(folder, "config.yaml")
     text = dump_config(cfg)
     old = (yaml.safe_load(storage.read_text(path)) or {}) if storage.exists(path) else None
+    if old is not None:
+        old = _with_current_defaults(cfg, old)
     changed = [] if old is None else [k for k in _changed_keys(old, yaml.safe_load(text)) if not k.startswith("ray.")]
     if changed:
         raise ConfigError(
@@ -32,6 +34,16 @@ def record_config(cfg: BaseModel, run_dir: str | Path) -> Path | str:
         )
     storage.write_text(path, text)
     return path if storage.is_remote(path) else Path(path)
+
+
+def _with_current_defaults(cfg: BaseModel, old: Any) -> Any:
+    """The recorded config as this version of dreamdiff reads it: a field added since the record was written takes
+    its default, so that a re-run resumes instead of seeing a change. A record that no longer validates is
+    compared as written."""
+    try:
+        return yaml.safe_load(dump_config(type(cfg).model_validate(old)))
+    except ValueError:
+        return old
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
