@@ -12,6 +12,7 @@ from dreamdiff.configbase import StrictModel
 from dreamdiff.models.conditioner import ConditionerConfig
 from dreamdiff.models.diffusion_config import TinyDiffusionConfig
 from dreamdiff.models.msm import MSMConfig
+from dreamdiff.models.profile import Profile
 from dreamdiff.models.sampling import Compile
 
 
@@ -81,6 +82,12 @@ class FinetuneConfig(StrictModel):
     )
     conditioner: ConditionerConfig = Field(
         default=ConditionerConfig(), description="context_dim = the UNet's cross_attention_dim, clip_dim = CLIP's"
+    )
+    profile: Profile = Field(
+        default="dreamdiff",
+        description="the switch between our forward passes and the reference code's (dreamdiff.models.profile): "
+        "it sets the encoder's profile (over encoder.profile and the pretrain run's), and reference also turns "
+        "conditioner.time_cond on and samples PLMS at the reference's timesteps",
     )
     clip_model: str = Field(default="ViT-L-14", description="open_clip model of the frozen image tower")
     clip_pretrained: ModelRef | None = Field(

@@ -3,14 +3,15 @@
 `EEGConditioner` replaces SD's text encoder: it maps the encoder's [B, 128, D] tokens to the [B, 77, 768]
 cross-attention context with a token mixer (two 1x1 Conv1d over the TOKEN axis, 128 -> 64 -> 77) and a
 Linear D -> 768. `ClipHead` maps the same tokens to one vector in CLIP's image-embedding space, where
-`clip_alignment_loss` pulls it towards the CLIP embedding of the stimulus image.
+`clip_alignment_loss` pulls it towards the CLIP embedding of the stimulus image. `TimeConditioner` (the reference
+code's time conditioning, optional) maps the context to one vector that the UNet adds to its timestep embedding.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor, nn
 
 from dreamdiff.configbase import StrictModel
@@ -32,6 +33,19 @@ class ConditionerConfig(StrictModel):
         "Where the embeddings share one dominant direction (a random CLIP's are nearly parallel for any two images), "
         "the paper's loss is met by predicting that direction and teaches the encoder nothing",
     )
+    time_cond: bool = Field(
+        False,
+        description="the reference code's time-conditioning layer: a vector computed from the context is added to "
+        "the UNet's timestep embedding (TimeConditioner; on with the reference profile)",
+    )
+
+    @field_validator("time_cond")
+    @classmethod
+    def _pool_needs_tokens(cls, value: bool, info: ValidationInfo) -> bool:
+        tokens = info.data.get("context_tokens")
+        if value and tokens is not None and tokens < 2:
+            raise ValueError(f"time_cond needs context_tokens >= 2 (it pools them to half as many), got {tokens}")
+        return value
 
 
 def _check_tokens(tokens: Tensor, num_tokens: int, embed_dim: int) -> None:
@@ -134,6 +148,36 @@ class ClipHead(nn.Module):
         if self.target_mean is None:
             return clip_embedding
         return clip_embedding - self.target_mean.to(clip_embedding.device, clip_embedding.dtype)
+
+
+class TimeConditioner(nn.Module):
+    """Context [B, context_tokens, context_dim] -> [B, time_embed_dim], added to the UNet's timestep embedding.
+
+    The reference code's `time_embed_condtion`: two 1x1 Conv1d over the token axis (context_tokens ->
+    context_tokens // 2 -> 1, no activation between) and a Linear context_dim -> time_embed_dim (the UNet's
+    time-embedding width: 1280 for SD 1.5). The UNet adds it through diffusers' class embedding ("identity").
+    """
+
+    def __init__(self, *, context_tokens: int = 77, context_dim: int = 768, time_embed_dim: int = 1280) -> None:
+        super().__init__()
+        if context_tokens < 2:
+            raise ValueError(f"context_tokens must be >= 2 (pooled through context_tokens // 2), got {context_tokens}")
+        self.context_tokens, self.context_dim = context_tokens, context_dim
+        self.token_mixer = nn.Sequential(
+            nn.Conv1d(context_tokens, context_tokens // 2, kernel_size=1),
+            nn.Conv1d(context_tokens // 2, 1, kernel_size=1),
+        )
+        self.proj = nn.Linear(context_dim, time_embed_dim)
+
+    @classmethod
+    def from_config(cls, cfg: ConditionerConfig, *, time_embed_dim: int) -> TimeConditioner:
+        return cls(context_tokens=cfg.context_tokens, context_dim=cfg.context_dim, time_embed_dim=time_embed_dim)
+
+    def forward(self, context: Tensor) -> Tensor:
+        if context.ndim != 3 or context.shape[1:] != (self.context_tokens, self.context_dim):
+            want = f"[batch, {self.context_tokens}, {self.context_dim}]"
+            raise ValueError(f"context must be {want}, got {list(context.shape)}")
+        return self.proj(self.token_mixer(context).squeeze(1))
 
 
 def clip_alignment_loss(pred: Tensor, target: Tensor) -> Tensor:

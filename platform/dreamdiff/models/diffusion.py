@@ -104,13 +104,21 @@ def _source(base_model: str) -> tuple[str, dict[str, bool]]:
 
 
 def load_sd_components(
-    base_model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    base_model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *, time_cond: bool = False
 ) -> SDComponents:
     """UNet, VAE (if the model has one; frozen, eval) and the DDPM training schedule of `base_model`,
-    a local folder or a Hugging Face id (which loads only where the weights are reachable)."""
+    a local folder or a Hugging Face id (which loads only where the weights are reachable).
+
+    With `time_cond` the UNet is built with class_embed_type "identity": it then adds the `class_labels` it is
+    given, [B, time-embedding width], to its timestep embedding (`TimeConditioner`'s output). That adds no
+    parameter, so the base weights load as they are, but every call must pass class_labels.
+    """
     source, has = _source(base_model)
+    unet_config = {"class_embed_type": "identity"} if time_cond else {}
     try:
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **_LOW_MEM)
+        unet = UNet2DConditionModel.from_pretrained(
+            source, subfolder="unet", torch_dtype=dtype, **unet_config, **_LOW_MEM
+        )
         noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
         vae = None
         if has["vae"]:
@@ -194,10 +202,12 @@ def diffusion_loss(
     latents: Tensor,
     context: Tensor,
     generator: torch.Generator | None = None,
+    class_labels: Tensor | None = None,
 ) -> Tensor:
     """SD's training loss: noise `latents` at uniform random timesteps, predict with the UNet conditioned on
     `context` [B, tokens, cross_attention_dim], MSE against the scheduler's prediction target (epsilon:
-    the paper's loss). `generator` must live on the latents' device."""
+    the paper's loss). `generator` must live on the latents' device. `class_labels` [B, time-embedding width]
+    is what a UNet loaded with `time_cond` adds to its timestep embedding (None for any other UNet)."""
     b = latents.shape[0]
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=latents.device, generator=generator)
     noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=generator)
@@ -211,5 +221,5 @@ def diffusion_loss(
         target = latents
     else:
         raise DreamdiffError(f"scheduler prediction_type {kind!r} is not one of epsilon, v_prediction, sample")
-    pred = unet(noisy, t, encoder_hidden_states=context.to(noisy.dtype)).sample
+    pred = unet(noisy, t, encoder_hidden_states=context.to(noisy.dtype), class_labels=class_labels).sample
     return F.mse_loss(pred.float(), target.float())

@@ -1,9 +1,10 @@
 """Generator checkpoints and EEG -> image sampling, with torch and diffusers alone (no Ray).
 
-A checkpoint folder holds `generator.safetensors`, ONLY the trained tensors (encoder, conditioner, CLIP head
-and the UNet parameters of the trainable set, e.g. just attn2/norm2 for "cross_attention"), and
-`generator.json`: the format version, the `GeneratorSpec` (with the base SD id or path the UNet tensors
-apply to) and the trained UNet names. `Generator.load` rebuilds the base model and overwrites those tensors.
+A checkpoint folder holds `generator.safetensors`, ONLY the trained tensors (encoder, conditioner, CLIP head,
+time conditioner if any, and the UNet parameters of the trainable set, e.g. just attn2/norm2 for
+"cross_attention"), and `generator.json`: the format version, the `GeneratorSpec` (with the base SD id or
+path the UNet tensors apply to) and the trained UNet names. `Generator.load` rebuilds the base model and
+overwrites those tensors.
 
 Seeding: `seed=s` is shorthand for `seed=[s, s + 1, ..., s + B - 1]`, one seed per EEG. Image j of EEG i
 starts from noise drawn on the CPU by `torch.Generator().manual_seed(k)`, with
@@ -31,6 +32,7 @@ from torch import Tensor
 from dreamdiff.errors import DreamdiffError, unreadable_file
 from dreamdiff.models.diffusion import SDComponents, compile_sd, decode_latents, load_sd_components
 from dreamdiff.models.eeg_diffusion import EEGDiffusion, GeneratorSpec, build_eeg_diffusion
+from dreamdiff.models.profile import Profile
 from dreamdiff.models.sampling import Sampler
 from dreamdiff.storage import atomic_write
 
@@ -118,12 +120,16 @@ def save_generator(model: EEGDiffusion, spec: GeneratorSpec, folder: str | Path,
     return folder
 
 
-def make_sampler(name: Sampler, train_config: dict) -> SchedulerMixin:
+def make_sampler(name: Sampler, train_config: dict, profile: Profile = "dreamdiff") -> SchedulerMixin:
     """A fresh sampling scheduler built from the training schedule's config (betas, prediction_type).
 
     Every sampler starts at the last training timestep ("trailing" spacing), where the latents really are
     pure noise; SD's "leading" spacing would start 25 steps at t = 960 and 250 steps at t = 996, a difference
     that is not the solver's and that keeps few-step and many-step samples apart (Lin et al., WACV 2024).
+    The reference profile's PLMS runs the reference code's timesteps: leading spacing, offset 1 (250 steps:
+    997, 993, ..., 1). In either spacing PNDM lists its second timestep twice (997, 993, 993, ..., 1): the first
+    step is a Heun step that evaluates the UNet at 997 and at 993, as the reference's PLMS does, so 250 steps
+    make 251 UNet calls.
     """
     if name == "dpm++":  # DPM-Solver++ 2M: ~25 steps match PLMS/DDIM at hundreds
         return DPMSolverMultistepScheduler.from_config(
@@ -131,6 +137,8 @@ def make_sampler(name: Sampler, train_config: dict) -> SchedulerMixin:
         )
     if name == "ddim":
         return DDIMScheduler.from_config(train_config, timestep_spacing="trailing")
+    if name == "plms" and profile == "reference":
+        return PNDMScheduler.from_config(train_config, skip_prk_steps=True, timestep_spacing="leading", steps_offset=1)
     if name == "plms":  # the paper's sampler (PLMS, 250 steps): PNDM without its Runge-Kutta warm-up
         return PNDMScheduler.from_config(train_config, skip_prk_steps=True, timestep_spacing="trailing")
     raise DreamdiffError(f"sampler must be 'dpm++', 'ddim' or 'plms', got {name!r}")
@@ -201,7 +209,9 @@ class Generator:
         spec = meta["spec"]
         if base_model is not None:
             spec = spec.model_copy(update={"base_model": base_model})
-        components = load_sd_components(spec.base_model, device, dtype or torch.float32)
+        components = load_sd_components(
+            spec.base_model, device, dtype or torch.float32, time_cond=spec.conditioner.time_cond
+        )
         model = build_eeg_diffusion(spec, components)
         if model.unet_trainable != meta["unet_trainable"]:
             raise DreamdiffError(
@@ -261,7 +271,7 @@ class Generator:
                 f"guidance_scale={guidance_scale} needs a null context, but this generator was fine-tuned "
                 "without condition dropout (conditioner.cond_drop_prob = 0); use guidance_scale=1.0"
             )
-        scheduler = make_sampler(sampler, self.components.noise_scheduler.config)
+        scheduler = make_sampler(sampler, self.components.noise_scheduler.config, self.spec.profile)
         seeds = image_seeds(seed, eeg.shape[0])
         unet, device = self.components.unet, self.device
         shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
@@ -276,12 +286,14 @@ class Generator:
             if guided:
                 context = torch.cat([self.model.conditioner.null_context(context.shape[0]), context])
             context = context.to(unet.dtype)
+            class_labels = self.model.class_labels(context)  # guidance's unconditional half: from the null context
             scheduler.set_timesteps(steps, device=device)
             latents = initial_noise(seeds, num_images, shape).to(device) * scheduler.init_noise_sigma
             for t in scheduler.timesteps:
                 x = scheduler.scale_model_input(latents, t)
                 x = torch.cat([x, x]) if guided else x
-                pred = unet(x.to(unet.dtype), t, encoder_hidden_states=context).sample.float()
+                pred = unet(x.to(unet.dtype), t, encoder_hidden_states=context, class_labels=class_labels).sample
+                pred = pred.float()
                 if guided:
                     uncond, cond = pred.chunk(2)
                     pred = uncond + guidance_scale * (cond - uncond)

@@ -32,6 +32,7 @@ from dreamdiff.data.reader import read_schema, read_table, shard_files
 from dreamdiff.data.schema import PAIRED_COLUMNS
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.clip import _check_request, load_clip_image_encoder, save_random_clip
+from dreamdiff.models.conditioner import ConditionerConfig
 from dreamdiff.models.diffusion import build_tiny_sd
 from dreamdiff.models.eeg_diffusion import ENCODER_PREFIX, GeneratorSpec
 from dreamdiff.models.msm import MSMConfig, MSMEncoder
@@ -286,6 +287,20 @@ def clip_mean(files: list[str]) -> np.ndarray:
     return column.to_numpy_ndarray().astype(np.float64).mean(0).astype(np.float32)
 
 
+def generator_spec(cfg: FinetuneConfig, msm: MSMConfig, base_model: str, image_size: int) -> GeneratorSpec:
+    """The spec the workers build. `cfg.profile` is the one switch: it sets the encoder's profile, whatever the
+    pretrain run recorded (the weights fit either), and "reference" turns the time conditioning on."""
+    time_cond = cfg.conditioner.time_cond or cfg.profile == "reference"
+    return GeneratorSpec(
+        base_model=base_model,
+        msm=MSMConfig.model_validate({**msm.model_dump(), "profile": cfg.profile}),
+        conditioner=ConditionerConfig.model_validate({**cfg.conditioner.model_dump(), "time_cond": time_cond}),
+        trainable=cfg.trainable,
+        image_size=image_size,
+        profile=cfg.profile,
+    )
+
+
 def _decoded_bytes(files: list[str]) -> int:
     """The uncompressed size of the row groups in `files` (Parquet footers only)."""
     meta = [pq.ParquetFile(f).metadata for f in files]
@@ -302,6 +317,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     base_model = _base_model(cfg, output)
     clip_weights = _clip_weights(cfg, output)
     shape: BaseShape = checked["shape"]
+    spec = generator_spec(cfg, checked["msm"], base_model, shape.image_size)
     init_ray(cfg.ray)
     models = FrozenModels(
         base_model, cfg.clip_model, clip_weights, shape.image_size, shape.latent_shape, checked["clip_dim"]
@@ -312,13 +328,6 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         _pretrain_tiny_sd(cfg, Path(base_model), pre.files, clip_weights, preview)
     cache = fits_object_store(_decoded_bytes(pre.files))
     dataset = training_dataset(pre.files, TRAIN_COLUMNS, seed=cfg.seed, cache=cache)
-    spec = GeneratorSpec(
-        base_model=base_model,
-        msm=checked["msm"],
-        conditioner=cfg.conditioner,
-        trainable=cfg.trainable,
-        image_size=shape.image_size,
-    )
     provenance = {
         "encoder_init": checked["weights"] or "scratch",
         "clip_model": cfg.clip_model,

@@ -48,7 +48,7 @@ def train_loop(config: dict[str, Any]) -> None:
     autocast = torch.bfloat16 if cfg.precision == "bf16" and device.type == "cuda" else None
 
     torch.manual_seed(cfg.seed)
-    components = load_sd_components(spec.base_model, device)
+    components = load_sd_components(spec.base_model, device, time_cond=spec.conditioner.time_cond)
     model = build_eeg_diffusion(spec, components, config["encoder_weights"])
     optimizer = build_finetune_optimizer(
         model, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay, encoder_lr_scale=cfg.encoder_lr_scale

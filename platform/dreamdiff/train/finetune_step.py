@@ -23,11 +23,12 @@ from dreamdiff.train.optim import build_optimizer, set_lr
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """What fine-tuning updates: encoder, conditioner and CLIP head, plus the UNet parameters that
-    `select_trainable` left trainable (for "cross_attention": attn2/norm2 of the transformer blocks)."""
+    """What fine-tuning updates: encoder, conditioner, CLIP head and time conditioner (if any), plus the UNet
+    parameters that `select_trainable` left trainable (for "cross_attention": attn2/norm2 of the transformer
+    blocks)."""
     inner = unwrap(model)
-    heads = [inner.encoder, inner.conditioner, inner.clip_head]
-    params = [p for module in heads for p in module.parameters()]
+    heads = [inner.encoder, inner.conditioner, inner.clip_head, inner.time_conditioner]
+    params = [p for module in heads if module is not None for p in module.parameters()]
     unet = dict(inner.unet.named_parameters())
     return params + [unet[name] for name in inner.unet_trainable]
 
