@@ -138,3 +138,140 @@ def pretrain_checkpoint(path: Path, sizes: dict[str, Any] = TINY, seed: int = 0,
     """A reference pretraining checkpoint: {'model', 'optimizer', 'epoch', 'scaler', 'config'}."""
     payload = {"model": msm_state(sizes, seed, **extra), "optimizer": {}, "epoch": 499, "scaler": {}}
     return save_reference(path, payload, {"Config_MBM_EEG": pretrain_config_values(sizes)})
+
+
+_RESNET_TO_LDM = [
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("conv_shortcut", "skip_connection"),
+]
+
+
+def _resnet(rest: str) -> str:
+    for ours, theirs in _RESNET_TO_LDM:
+        if rest.startswith(ours + "."):
+            return theirs + rest[len(ours) :]
+    raise KeyError(rest)
+
+
+def ldm_unet_name(key: str, layers_per_block: int, up_has_attention: list[bool]) -> str:
+    """The CompVis (LDM) name of a diffusers `UNet2DConditionModel` tensor of an SD 1.x-shaped UNet: the inverse of
+    diffusers' own `convert_ldm_unet_checkpoint`, which the tests use to check it."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    top = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
+    if key in top:
+        return top[key]
+    parts = key.split(".")
+    per = layers_per_block + 1
+    if parts[0] == "down_blocks":
+        block, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+        if kind == "resnets":
+            return f"input_blocks.{1 + block * per + index}.0.{_resnet(rest)}"
+        if kind == "attentions":
+            return f"input_blocks.{1 + block * per + index}.1.{rest}"
+        return f"input_blocks.{1 + block * per + layers_per_block}.0.op.{parts[-1]}"  # downsamplers.0.conv
+    if parts[0] == "mid_block":
+        kind, index, rest = parts[1], int(parts[2]), ".".join(parts[3:])
+        return f"middle_block.{2 * index}.{_resnet(rest)}" if kind == "resnets" else f"middle_block.1.{rest}"
+    if parts[0] == "up_blocks":
+        block, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+        if kind == "resnets":
+            return f"output_blocks.{block * per + index}.0.{_resnet(rest)}"
+        if kind == "attentions":
+            return f"output_blocks.{block * per + index}.1.{rest}"
+        slot = 2 if up_has_attention[block] else 1
+        return f"output_blocks.{block * per + layers_per_block}.{slot}.conv.{parts[-1]}"  # upsamplers.0.conv
+    raise KeyError(key)
+
+
+def ldm_unet_state(unet: Any) -> dict[str, torch.Tensor]:
+    """A diffusers UNet's tensors under their CompVis names, with the `model.diffusion_model.` prefix."""
+    config = unet.config
+    up_has_attention = ["CrossAttn" in t for t in config.up_block_types]
+    return {
+        "model.diffusion_model." + ldm_unet_name(k, config.layers_per_block, up_has_attention): v.clone()
+        for k, v in unet.state_dict().items()
+    }
+
+
+ENCODER = {**TINY, "num_channels": 128, "num_samples": 512, "depth": 1}  # 128 tokens, as the stages feed
+
+
+def generation_config_values(sizes: dict[str, Any] = ENCODER) -> dict[str, Any]:
+    """The attributes of the reference's `Config_Generative_Model` that its generation checkpoint carries."""
+    return {
+        "patch_size": sizes["patch_size"],
+        "embed_dim": sizes["embed_dim"],
+        "depth": sizes["depth"],
+        "num_heads": sizes["num_heads"],
+        "mlp_ratio": sizes["mlp_ratio"],
+        "global_pool": False,
+        "use_time_cond": True,
+        "clip_tune": True,
+        "num_samples": 5,
+        "ddim_steps": 250,
+        "subject": 4,
+        "lr": 5.3e-5,
+    }
+
+
+def generation_state(base_model: Path, seed: int = 0, clip_dim: int = 24, mid: int = 8) -> dict[str, torch.Tensor]:
+    """A reference generation `model_state_dict` on the SD folder `base_model`: its UNet in the CompVis layout with
+    the cross-attention changed (what the reference trains), the time-conditioning layer, the downstream encoder,
+    the conditioner and CLIP head, a stand-in VAE and CLIP tower, and the noise schedule's buffers."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    gen = torch.Generator().manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet")
+    state = ldm_unet_state(unet)
+    for name, value in state.items():
+        if ".transformer_blocks." in name and (".attn2." in name or ".norm2." in name):
+            state[name] = value + 0.1 * torch.randn(value.shape, generator=gen)
+    context, time_dim = unet.config.cross_attention_dim, unet.time_embedding.linear_2.out_features
+    prefix = "model.diffusion_model.time_embed_condtion."
+    state |= {
+        prefix + "0.weight": torch.randn(77 // 2, 77, 1, generator=gen) * 0.1,
+        prefix + "0.bias": torch.randn(77 // 2, generator=gen) * 0.1,
+        prefix + "1.weight": torch.randn(1, 77 // 2, 1, generator=gen) * 0.1,
+        prefix + "1.bias": torch.randn(1, generator=gen) * 0.1,
+        prefix + "2.weight": torch.randn(time_dim, context, generator=gen) * 0.1,
+        prefix + "2.bias": torch.randn(time_dim, generator=gen) * 0.1,
+    }
+    encoder = {k: v for k, v in msm_state(ENCODER, seed).items() if not k.startswith(("decoder", "mask_token"))}
+    encoder["mask_token"] = torch.zeros(1, 1, ENCODER["embed_dim"])
+    state |= {"cond_stage_model.mae." + k: v for k, v in encoder.items()}
+    tokens, width = ENCODER["num_samples"] // ENCODER["patch_size"], ENCODER["embed_dim"]
+    state |= {
+        "cond_stage_model.channel_mapper.0.weight": torch.randn(mid, tokens, 1, generator=gen) * 0.1,
+        "cond_stage_model.channel_mapper.0.bias": torch.randn(mid, generator=gen) * 0.1,
+        "cond_stage_model.channel_mapper.1.weight": torch.randn(77, mid, 1, generator=gen) * 0.1,
+        "cond_stage_model.channel_mapper.1.bias": torch.randn(77, generator=gen) * 0.1,
+        "cond_stage_model.dim_mapper.weight": torch.randn(context, width, generator=gen) * 0.1,
+        "cond_stage_model.dim_mapper.bias": torch.randn(context, generator=gen) * 0.1,
+        "cond_stage_model.mapping.maxpool.weight": torch.randn(1, tokens, 1, generator=gen) * 0.1,
+        "cond_stage_model.mapping.maxpool.bias": torch.randn(1, generator=gen) * 0.1,
+        "cond_stage_model.mapping.fc.weight": torch.randn(clip_dim, width, generator=gen) * 0.1,
+        "cond_stage_model.mapping.fc.bias": torch.randn(clip_dim, generator=gen) * 0.1,
+        "first_stage_model.encoder.conv_in.weight": torch.randn(8, 3, 3, 3, generator=gen),
+        "image_embedder.transformer.vision_model.post_layernorm.weight": torch.ones(16),
+    }
+    schedule = DDPMScheduler.from_pretrained(base_model, subfolder="scheduler")
+    alphas_cumprod = schedule.alphas_cumprod.float()
+    state |= {
+        "betas": schedule.betas.float(),
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": torch.cat([torch.ones(1), alphas_cumprod[:-1]]),
+        "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+        "posterior_variance": schedule.betas.float(),
+    }
+    return state
+
+
+def generation_checkpoint(path: Path, base_model: Path, seed: int = 0, **values: Any) -> Path:
+    """A reference generation checkpoint: {'model_state_dict', 'config', 'state'}."""
+    payload = {"model_state_dict": generation_state(base_model, seed), "state": torch.get_rng_state()}
+    return save_reference(path, payload, {"Config_Generative_Model": generation_config_values() | values})

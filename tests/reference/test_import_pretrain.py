@@ -26,7 +26,8 @@ from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.eeg_diffusion import load_encoder_weights
 from dreamdiff.models.msm import MSMConfig, MSMEncoder, build_msm
 from dreamdiff.reference.checkpoint import load_reference_checkpoint
-from dreamdiff.reference.import_pretrain import IMPORT_FILE, import_pretrain
+from dreamdiff.reference.folder import IMPORT_FILE
+from dreamdiff.reference.import_pretrain import import_pretrain
 from dreamdiff.train.checkpoint import check_training_state, load_training_state
 from dreamdiff.train.finetune import resolve_encoder
 from dreamdiff.train.optim import build_optimizer

@@ -26,12 +26,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     pretrain.add_argument("checkpoint", help="the reference's pretraining checkpoint (.pth)")
     pretrain.add_argument("--out", required=True, help="a new or empty folder")
+    generator = kinds.add_parser(
+        "generator",
+        help="a generation checkpoint (eLDM) -> a generator folder for serve, generate and evaluate",
+        description="Write a generator folder (generator.safetensors, generator.json) holding what the reference "
+        "trained: the EEG encoder, the conditioner, the CLIP head, the time-conditioning layer and the UNet's "
+        "cross-attention; every other UNet tensor is checked equal to the base model's.",
+    )
+    generator.add_argument("checkpoint", help="the reference's generation checkpoint (.pth)")
+    generator.add_argument(
+        "--base-model", required=True, help="the SD 1.5 it was trained from: a diffusers folder or a hub id"
+    )
+    generator.add_argument("--out", required=True, help="a new or empty folder")
 
 
 def run(args: argparse.Namespace) -> int:
-    from dreamdiff.reference.import_pretrain import import_pretrain
+    if args.kind == "generator":
+        from dreamdiff.reference.import_generator import import_generator
 
-    record = import_pretrain(args.checkpoint, args.out)
+        record = import_generator(args.checkpoint, args.base_model, args.out)
+    else:
+        from dreamdiff.reference.import_pretrain import import_pretrain
+
+        record = import_pretrain(args.checkpoint, args.out)
     if record.get("skipped"):
         print(
             f"import-reference: {args.out} already holds this checkpoint's import, skipped "
@@ -39,19 +56,20 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     counts = ", ".join(f"{n} {status}" for status, n in sorted(record["counts"].items()))
-    unused = [name for name, entry in record["tensors"].items() if entry["status"] == "unused"]
-    model = record["model"]
-    print(
-        f"import-reference: {len(record['tensors'])} tensors: {counts}"
-        + (f" ({', '.join(unused[:6])})" if unused else "")
-    )
+    unused = sorted({entry.get("why", "") for entry in record["tensors"].values() if entry["status"] == "unused"})
+    print(f"import-reference: {len(record['tensors'])} tensors: {counts}")
+    for why in unused:
+        print(f"  unused: {why}")
+    model = record["model"] if args.kind == "pretrain" else record["spec"]["msm"]
     print(
         f"import-reference: MSM embed_dim {model['embed_dim']}, depth {model['depth']}, heads {model['num_heads']}, "
-        f"mlp_ratio {model['mlp_ratio']}, decoder {model['decoder_embed_dim']} x {model['decoder_depth']}, "
-        f"mask_ratio {model['mask_ratio']}, profile reference"
+        f"mlp_ratio {model['mlp_ratio']}, mask_ratio {model['mask_ratio']}, profile reference"
     )
-    overrides = " ".join(f"model.{k}={v}" for k, v in model.items() if v is not None and k != "preset")
     print(f"import-reference: wrote {args.out} (import.json has the mapping of every tensor)")
-    print(f"  fine-tune from it: dreamdiff finetune ... encoder_checkpoint={args.out}")
+    if args.kind == "generator":
+        print(f"  use it: dreamdiff serve ... checkpoint={args.out}; dreamdiff generate ... checkpoint={args.out}")
+        return 0
+    overrides = " ".join(f"model.{k}={v}" for k, v in model.items() if v is not None and k != "preset")
+    print(f"  fine-tune from it: dreamdiff finetune ... encoder_checkpoint={args.out} profile=reference")
     print(f"  continue pretraining: dreamdiff pretrain ... resume_from={args.out} {overrides}")
     return 0

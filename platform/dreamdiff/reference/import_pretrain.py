@@ -13,10 +13,8 @@ size came from, and what became of every tensor. The folder appears whole or not
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,34 +23,15 @@ import yaml
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.msm import build_msm
 from dreamdiff.reference.checkpoint import load_reference_checkpoint, sha256
+from dreamdiff.reference.folder import previous_import, published
 from dreamdiff.reference.msm_keys import map_msm
 from dreamdiff.train.checkpoint import MODEL_FILE, save_training_state
 from dreamdiff.train.optim import build_optimizer
 from dreamdiff.train.pretrain_loop import ENCODER_FILE
 
-IMPORT_FILE = "import.json"
 CONFIG_FILE = "config.yaml"
 REFERENCE_LR = 2.5e-4  # the reference's Config_MBM_EEG defaults, where its config lacks them
 REFERENCE_WEIGHT_DECAY = 0.05
-
-
-def previous_import(out: Path, digest: str) -> dict[str, Any] | None:
-    """The record of an earlier import of the same file into `out`; an `out` holding anything else is refused."""
-    if not out.exists():
-        return None
-    if not out.is_dir():
-        raise DreamdiffError(f"--out: {out} is a file; expected a new or empty folder")
-    record = out / IMPORT_FILE
-    if record.is_file():
-        saved = json.loads(record.read_text())
-        if saved.get("source", {}).get("sha256") == digest:
-            return saved
-        raise DreamdiffError(
-            f"--out: {out} holds an import of another file ({saved.get('source', {}).get('path')}); choose a new folder"
-        )
-    if any(out.iterdir()):
-        raise DreamdiffError(f"--out: {out} is not empty; choose a new or empty folder")
-    return None
 
 
 def import_pretrain(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
@@ -84,19 +63,12 @@ def import_pretrain(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
         "counts": mapped.counts(),
         "optimizer": f"fresh AdamW moments (weight decay {decay}); the reference's are not carried over",
     }
-    stage = out.parent / f".{out.name}.import-{uuid.uuid4().hex[:8]}"
-    try:
+    with published(out, record) as stage:
         save_training_state(stage, model, optimizer, {"step": 0})
         _link_or_copy(stage / MODEL_FILE, stage / ENCODER_FILE)
         header = "# the encoder sizes of an imported reference checkpoint (see import.json)\n"
         model_section = {"model": mapped.config.model_dump(mode="json")}
         (stage / CONFIG_FILE).write_text(header + yaml.safe_dump(model_section, sort_keys=False))
-        (stage / IMPORT_FILE).write_text(json.dumps(record, indent=2))
-        if out.exists():
-            out.rmdir()  # empty: checked above
-        os.replace(stage, out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     return record
 
 

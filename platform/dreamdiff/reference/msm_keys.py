@@ -5,8 +5,13 @@ Every tensor of a reference state dict ends in one of three places, recorded per
 - "recomputed": the fixed sin-cos position tables, which we do not store; ours are computed and compared with the
   file's, and a table that differs is an error, since these weights would then not reproduce;
 - "unused": tensors of the reference's optional image-reconstruction branch (`use_nature_img_loss`), which is not
-  part of DreamDiffusion's method.
+  part of DreamDiffusion's method, and the mask token of its downstream encoder (`eeg_encoder`), which never
+  masks.
 Anything else is unknown and an error: an import never drops a tensor it does not understand.
+
+A pretraining checkpoint holds the whole `MAEforEEG`; a generation checkpoint only the downstream encoder, whose
+config then carries the decoder sizes of the reference's pretraining defaults (dreamdiff builds no decoder
+downstream).
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ RENAMES: list[tuple[str, str]] = [
 ]
 RECOMPUTED = {"pos_embed": "embed_dim", "decoder_pos_embed": "decoder_embed_dim"}
 UNUSED = re.compile(r"nature_img_.*")
+# the reference's pretraining defaults (Config_MBM_EEG), for the encoder of a generation checkpoint
+DEFAULT_DECODER = {"decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16}
 POSITION_TOLERANCE = 1e-6  # the file's tables were computed in float64 and stored in float32, as ours
 
 
@@ -53,10 +60,15 @@ class MappedMSM:
     report: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for entry in self.report.values():
-            out[entry["status"]] = out.get(entry["status"], 0) + 1
-        return out
+        return count_statuses(self.report)
+
+
+def count_statuses(report: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """How many tensors of an import report ended in each place (mapped, recomputed, verified, unused)."""
+    out: dict[str, int] = {}
+    for entry in report.values():
+        out[entry["status"]] = out.get(entry["status"], 0) + 1
+    return out
 
 
 def our_name(name: str) -> str | None:
@@ -86,13 +98,14 @@ def infer_config(state: dict[str, Tensor], values: dict[str, Any]) -> tuple[MSMC
     mask ratio come from the config."""
     embed_dim, channels, patch = _shape(state, "patch_embed.proj.weight")
     hidden, _ = _shape(state, "blocks.0.mlp.fc1.weight")
-    decoder_dim, _ = _shape(state, "decoder_embed.weight")
     tokens = _shape(state, "pos_embed")[1] - 1 if "pos_embed" in state else None
-    missing = [k for k in ("num_heads", "decoder_num_heads") if not isinstance(values.get(k), int)]
+    decoder = "decoder_embed.weight" in state
+    heads = ["num_heads", "decoder_num_heads"] if decoder else ["num_heads"]
+    missing = [k for k in heads if not isinstance(values.get(k), int)]
     if missing:
         raise DreamdiffError(
             f"CHECKPOINT: its config lacks {missing}, which the tensor shapes cannot tell; "
-            "expected the reference's Config_MBM_EEG"
+            "expected the reference's config object"
         )
     sizes = {
         "num_channels": channels,
@@ -102,11 +115,19 @@ def infer_config(state: dict[str, Tensor], values: dict[str, Any]) -> tuple[MSMC
         "depth": _count(state, "blocks"),
         "num_heads": values["num_heads"],
         "mlp_ratio": hidden / embed_dim,
-        "decoder_embed_dim": decoder_dim,
-        "decoder_depth": _count(state, "decoder_blocks"),
-        "decoder_num_heads": values["decoder_num_heads"],
     }
-    source = {k: "tensor shapes" for k in sizes} | {"num_heads": "config", "decoder_num_heads": "config"}
+    source = {k: "tensor shapes" for k in sizes} | {"num_heads": "config"}
+    if decoder:
+        sizes |= {
+            "decoder_embed_dim": _shape(state, "decoder_embed.weight")[0],
+            "decoder_depth": _count(state, "decoder_blocks"),
+            "decoder_num_heads": values["decoder_num_heads"],
+        }
+        source |= {"decoder_embed_dim": "tensor shapes", "decoder_depth": "tensor shapes"}
+        source["decoder_num_heads"] = "config"
+    else:
+        sizes |= DEFAULT_DECODER
+        source |= {k: "the reference's pretraining default (no decoder in the file; unused)" for k in DEFAULT_DECODER}
     if tokens is None:
         source["num_samples"] = "default (no pos_embed in the file)"
     mask_ratio = values.get("mask_ratio")
@@ -120,14 +141,21 @@ def infer_config(state: dict[str, Tensor], values: dict[str, Any]) -> tuple[MSMC
 
 
 def map_msm(state: dict[str, Tensor], values: dict[str, Any]) -> MappedMSM:
-    """Map a reference MSM state dict onto a `MaskedSignalModel` of the inferred config, checked: every one of
-    our tensors is filled with the right shape, and the position tables are ours."""
+    """Map a reference MSM state dict (a whole `MAEforEEG`, or a downstream `eeg_encoder` without a decoder) onto
+    our `MaskedSignalModel` names, checked: every one of our tensors (the encoder's alone for an `eeg_encoder`) is
+    filled with the right shape, and the position tables are ours."""
     cfg, sources = infer_config(state, values)
+    decoder = "decoder_embed.weight" in state
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in build_msm(cfg).state_dict().items()}
+        expected = {
+            k: tuple(v.shape) for k, v in build_msm(cfg).state_dict().items() if decoder or k.startswith("encoder.")
+        }
     mapped = MappedMSM(cfg, sources)
     unknown = []
     for name, tensor in state.items():
+        if name == "mask_token" and not decoder:
+            mapped.report[name] = {"status": "unused", "why": "the downstream encoder's mask token (it never masks)"}
+            continue
         ours = our_name(name)
         if ours is not None:
             value = tensor.reshape(expected.get(ours, tensor.shape)) if name.endswith("token") else tensor
