@@ -219,7 +219,7 @@ def generation_config_values(sizes: dict[str, Any] = ENCODER) -> dict[str, Any]:
     }
 
 
-def generation_state(base_model: Path, seed: int = 0, clip_dim: int = 24, mid: int = 8) -> dict[str, torch.Tensor]:
+def generation_state(base_model: Path, seed: int = 0, clip_dim: int = 64, mid: int = 8) -> dict[str, torch.Tensor]:
     """A reference generation `model_state_dict` on the SD folder `base_model`: its UNet in the CompVis layout with
     the cross-attention changed (what the reference trains), the time-conditioning layer, the downstream encoder,
     the conditioner and CLIP head, a stand-in VAE and CLIP tower, and the noise schedule's buffers."""

@@ -72,6 +72,12 @@ class FinetuneConfig(StrictModel):
         default=None,
         description="pretrain run folder (its msm.safetensors, sizes from its config.yaml); null = from scratch",
     )
+    init_from: LocalPath | None = Field(
+        default=None,
+        description="a generator folder (from finetune or `dreamdiff import-reference generator`) to continue from: "
+        "its encoder, conditioner, CLIP head, time conditioner and trained UNet tensors; encoder sizes, conditioner, "
+        "trainable and profile must match it; null = start from encoder_checkpoint or scratch",
+    )
     encoder: MSMConfig | None = Field(
         default=None,
         validate_default=True,
@@ -161,7 +167,10 @@ class FinetuneConfig(StrictModel):
     @field_validator("encoder")
     @classmethod
     def _encoder_sizes(cls, value: MSMConfig | None, info: ValidationInfo) -> MSMConfig | None:
-        if value is None and info.data.get("encoder_checkpoint") is None:
+        checkpoint, init = info.data.get("encoder_checkpoint"), info.data.get("init_from")
+        if checkpoint is not None and init is not None:
+            raise ValueError("encoder_checkpoint and init_from both initialise the encoder: give one")
+        if value is None and checkpoint is None and init is None:
             raise ValueError("give the encoder sizes (e.g. {preset: large}) when encoder_checkpoint is null")
         return value
 

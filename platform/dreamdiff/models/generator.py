@@ -218,11 +218,7 @@ class Generator:
                 f"checkpoint {str(folder)!r} trained UNet tensors that base model {spec.base_model!r} names "
                 "differently; was it saved on another base model or diffusers version?"
             )
-        try:
-            tensors = load_file(str(folder / WEIGHTS_FILE), device=str(device))
-        except SafetensorError as err:
-            raise unreadable_file(folder / WEIGHTS_FILE, "safetensors weights", err, REWRITE_HINT) from err
-        _load_trained(model, tensors, spec.base_model)
+        load_generator_weights(model, folder, device)
         model.eval().requires_grad_(False)
         return cls(model.to(dtype=dtype) if dtype else model, components, autocast_dtype)
 
@@ -311,6 +307,16 @@ class Generator:
         if not torch.isfinite(eeg).all():
             raise DreamdiffError("eeg holds NaN or infinite values")
         return eeg
+
+
+def load_generator_weights(model: EEGDiffusion, folder: str | Path, device: str | torch.device = "cpu") -> None:
+    """Put the trained tensors of a generator folder into `model`, built from the same spec on its base model."""
+    path = Path(folder) / WEIGHTS_FILE
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as err:
+        raise unreadable_file(path, "safetensors weights", err, REWRITE_HINT) from err
+    _load_trained(model, tensors, model.spec.base_model)
 
 
 def _load_trained(model: EEGDiffusion, tensors: dict[str, Tensor], base_model: str) -> None:

@@ -35,6 +35,7 @@ from dreamdiff.models.clip import _check_request, load_clip_image_encoder, save_
 from dreamdiff.models.conditioner import ConditionerConfig
 from dreamdiff.models.diffusion import build_tiny_sd
 from dreamdiff.models.eeg_diffusion import ENCODER_PREFIX, GeneratorSpec
+from dreamdiff.models.generator import check_generator_weights, read_generator_meta
 from dreamdiff.models.msm import MSMConfig, MSMEncoder
 from dreamdiff.train import tiny_sd_pretrain
 from dreamdiff.train.finetune_loop import GENERATOR_DIR, steps_per_epoch, train_loop
@@ -78,6 +79,30 @@ def split_counts(files: list[str]) -> dict[str, int]:
         for item in pc.value_counts(read_table(file, columns=["split"]).column("split")).to_pylist():
             counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
     return counts
+
+
+def resolve_init(cfg: FinetuneConfig) -> GeneratorSpec | None:
+    """The spec of the generator that `init_from` names, checked against the config: the run must build the same
+    encoder, conditioner, trainable set and profile, or the generator's tensors would not fit (or would mean
+    something else)."""
+    if cfg.init_from is None:
+        return None
+    try:
+        spec = read_generator_meta(cfg.init_from)["spec"]
+        check_generator_weights(cfg.init_from)
+    except DreamdiffError as err:
+        raise DreamdiffError(f"init_from: {err}") from None
+    built = generator_spec(cfg, spec.msm, spec.base_model, spec.image_size)
+    changed = [f"profile={spec.profile}"] if built.profile != spec.profile else []
+    changed += [f"trainable={spec.trainable}"] if built.trainable != spec.trainable else []
+    theirs, ours = spec.conditioner.model_dump(), built.conditioner.model_dump()
+    changed += [f"conditioner.{k}={v}" for k, v in theirs.items() if v != ours[k]]
+    if cfg.encoder is not None:
+        theirs, ours = spec.msm.architecture(), cfg.encoder.architecture()
+        changed += [f"encoder.{k}={v}" for k, v in theirs.items() if v != ours[k] and k != "profile"]
+    if changed:
+        raise DreamdiffError(f"init_from: {cfg.init_from} was trained with other settings; set {' '.join(changed)}")
+    return spec
 
 
 def resolve_encoder(cfg: FinetuneConfig) -> tuple[MSMConfig, str | None]:
@@ -195,7 +220,8 @@ def _check_inputs(cfg: FinetuneConfig) -> dict[str, Any]:
             f"preview.split: no rows of split {cfg.preview.split!r} in {cfg.data} (found {sorted(counts)}); "
             "choose another or set preview.eegs=0"
         )
-    msm, weights = resolve_encoder(cfg)
+    init = resolve_init(cfg)
+    msm, weights = (init.msm, None) if init is not None else resolve_encoder(cfg)
     eeg_shape = tuple(read_schema(files[0]).field("eeg").type.shape)
     if eeg_shape != (msm.num_channels, msm.num_samples):
         raise DreamdiffError(
@@ -329,7 +355,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     cache = fits_object_store(_decoded_bytes(pre.files))
     dataset = training_dataset(pre.files, TRAIN_COLUMNS, seed=cfg.seed, cache=cache)
     provenance = {
-        "encoder_init": checked["weights"] or "scratch",
+        "encoder_init": str(Path(cfg.init_from).resolve()) if cfg.init_from else checked["weights"] or "scratch",
         "clip_model": cfg.clip_model,
         "clip_pretrained": clip_weights,
         "clip_weight": cfg.clip_weight,
@@ -342,6 +368,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         "output": str(output),
         "rows": pre.rows,
         "encoder_weights": checked["weights"],
+        "init_from": str(Path(cfg.init_from).resolve()) if cfg.init_from else None,
         "preview": preview,
         "provenance": provenance,
         "clip_mean": clip_mean(pre.files).tolist() if cfg.conditioner.clip_center else None,

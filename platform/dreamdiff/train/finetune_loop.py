@@ -20,7 +20,7 @@ from dreamdiff.config import FinetuneConfig
 from dreamdiff.data.augment import augment_eeg
 from dreamdiff.models.diffusion import load_sd_components
 from dreamdiff.models.eeg_diffusion import GeneratorSpec, build_eeg_diffusion, compile_for_training
-from dreamdiff.models.generator import Generator, save_generator
+from dreamdiff.models.generator import Generator, load_generator_weights, save_generator
 from dreamdiff.models.sampling import torch_compile_mode
 from dreamdiff.train.batches import ResumableBatches
 from dreamdiff.train.checkpoint import unwrap
@@ -57,6 +57,8 @@ def train_loop(config: dict[str, Any]) -> None:
         model.clip_head.requires_grad_(False)
     if config["clip_mean"] is not None:  # the centre of the CLIP targets (ConditionerConfig.clip_center)
         model.clip_head.target_mean.copy_(torch.as_tensor(config["clip_mean"]))
+    if config["init_from"]:  # a generator to continue from (its CLIP target centre too, if it has one)
+        load_generator_weights(model, config["init_from"], device)
     # rank 0 also drops the metrics rows an earlier attempt logged after the restored step (they are logged again)
     position = restore(model, optimizer, metrics_folder=output if rank == 0 else None)
     if cfg.compile:  # compiles at the first step (and at the first preview); the state dict keeps its names
