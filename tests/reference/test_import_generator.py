@@ -9,21 +9,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+from safetensors.torch import save_file
 from tests.reference.reference_files import (
     ENCODER,
     generation_checkpoint,
     generation_state,
+    ldm_unet_state,
     pretrain_checkpoint,
     save_reference,
 )
 
 from dreamdiff.cli import main
+from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.diffusion import build_tiny_sd
 from dreamdiff.models.diffusion_config import TinyDiffusionConfig
 from dreamdiff.models.generator import Generator, read_generator_meta
 from dreamdiff.reference.folder import IMPORT_FILE
 from dreamdiff.reference.import_generator import import_generator
+
+# diffusers 0.42's DPMSolverMultistepScheduler calls np.array on a torch tensor, which numpy 2 flags
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +141,26 @@ def test_bad_checkpoints_fail_with_one_line_and_write_nothing(
     assert len(err.splitlines()) == 1 and err.startswith("dreamdiff import-reference: error: CHECKPOINT:"), err
     assert re.search(expected, err), err
     assert not out.exists()
+
+
+def test_a_single_file_base_model_is_converted_into_the_generator_folder(
+    reference: Path, imported: Path, tiny_sd: Path, tmp_path: Path
+) -> None:
+    """SD's single-file layout (the CompVis UNet's tensors in one file) with the component configs of a diffusers
+    folder: converted by diffusers into <out>/base-model, the same model as the folder it came from."""
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    single = tmp_path / "sd.safetensors"
+    save_file({k: v.contiguous() for k, v in ldm_unet_state(unet).items()}, str(single))
+    out = tmp_path / "generator"
+    record = import_generator(reference, str(single), out, base_config=str(tiny_sd))
+    assert record["base_model"] == {"given": str(single), "used": str(out.resolve() / "base-model")}
+    assert read_generator_meta(out)["spec"].base_model == str(out.resolve() / "base-model")
+    eeg = np.random.default_rng(0).standard_normal((1, ENCODER["num_channels"], ENCODER["num_samples"]))
+    from_file, from_folder = (
+        Generator.load(folder).generate(eeg.astype(np.float32), num_images=1, steps=2, seed=0)
+        for folder in (out, imported)
+    )
+    np.testing.assert_array_equal(from_file, from_folder)
+    with pytest.raises(DreamdiffError, match="--base-model: cannot convert"):
+        import_generator(reference, str(single), tmp_path / "g2", base_config=str(tmp_path / "no-configs"))
+    assert not (tmp_path / "g2").exists()

@@ -35,7 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     generator.add_argument("checkpoint", help="the reference's generation checkpoint (.pth)")
     generator.add_argument(
-        "--base-model", required=True, help="the SD 1.5 it was trained from: a diffusers folder or a hub id"
+        "--base-model",
+        required=True,
+        help="the SD 1.5 it was trained from: a diffusers folder, a hub id, or SD's single .ckpt/.safetensors file",
+    )
+    generator.add_argument(
+        "--base-config",
+        default="runwayml/stable-diffusion-v1-5",
+        help="for a single-file base model: the diffusers folder or hub id whose component configs describe it "
+        "(default: %(default)s)",
     )
     generator.add_argument("--out", required=True, help="a new or empty folder")
 
@@ -44,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.kind == "generator":
         from dreamdiff.reference.import_generator import import_generator
 
-        record = import_generator(args.checkpoint, args.base_model, args.out)
+        record = import_generator(args.checkpoint, args.base_model, args.out, args.base_config)
     else:
         from dreamdiff.reference.import_pretrain import import_pretrain
 

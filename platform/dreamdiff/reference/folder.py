@@ -38,16 +38,22 @@ def previous_import(out: Path, digest: str) -> dict[str, Any] | None:
 
 
 @contextmanager
-def published(out: Path, record: dict[str, Any]) -> Iterator[Path]:
-    """A staging folder beside `out` to write into; on success `record` goes in as import.json and the folder
-    becomes `out`. On failure nothing is left."""
+def published(out: Path) -> Iterator[Path]:
+    """A staging folder beside `out` to write the import into (its record last, `write_record`); on success the
+    folder becomes `out`. On failure nothing is left."""
     stage = out.parent / f".{out.name}.import-{uuid.uuid4().hex[:8]}"
     stage.mkdir(parents=True)
     try:
         yield stage
-        (stage / IMPORT_FILE).write_text(json.dumps(record, indent=2))
+        if not (stage / IMPORT_FILE).is_file():
+            raise RuntimeError(f"an import into {out} wrote no {IMPORT_FILE}")
         if out.exists():
             out.rmdir()  # empty: previous_import checked it
         os.replace(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def write_record(stage: Path, record: dict[str, Any]) -> None:
+    """The import's record, `import.json`: where it came from and what became of every tensor."""
+    (stage / IMPORT_FILE).write_text(json.dumps(record, indent=2))

@@ -16,6 +16,7 @@ stages' `clip_model` take their place. The generator folder has `profile: refere
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +24,14 @@ import torch
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from torch import Tensor
 
-from dreamdiff.errors import DreamdiffError
+from dreamdiff.errors import DreamdiffError, first_line
 from dreamdiff.models.conditioner import ConditionerConfig
 from dreamdiff.models.diffusion import load_sd_components
-from dreamdiff.models.eeg_diffusion import GeneratorSpec, build_eeg_diffusion
+from dreamdiff.models.eeg_diffusion import EEGDiffusion, GeneratorSpec, build_eeg_diffusion
 from dreamdiff.models.generator import save_generator
 from dreamdiff.reference.checkpoint import load_reference_checkpoint, sha256
-from dreamdiff.reference.folder import previous_import, published
-from dreamdiff.reference.msm_keys import count_statuses, map_msm
+from dreamdiff.reference.folder import previous_import, published, write_record
+from dreamdiff.reference.msm_keys import MappedMSM, count_statuses, map_msm
 
 UNET = "model.diffusion_model."
 TIME_COND = UNET + "time_embed_condtion."
@@ -65,6 +66,9 @@ DERIVED = {  # the reference's other schedule buffers, all computed from betas
     "logvar",
     "scale_factor",
 }
+SINGLE_FILE = (".ckpt", ".safetensors")
+BASE_DIR = "base-model"  # where a single-file base model is converted, inside the generator folder
+SD15_CONFIGS = "runwayml/stable-diffusion-v1-5"  # the component configs for SD 1.5's single file
 BASE_TOLERANCE = 1e-3  # relative norm difference allowed between an untrained UNet tensor and the base model's
 
 
@@ -100,9 +104,52 @@ def _relative_difference(a: Tensor, b: Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
 
-def import_generator(checkpoint: str | Path, base_model: str, out: str | Path) -> dict[str, Any]:
-    """Import `checkpoint` on top of `base_model` into the generator folder `out`; returns the import record.
-    Everything is checked before anything is written; importing the same file again is skipped."""
+@dataclass
+class Partition:
+    """A generation checkpoint's tensors, sorted: the encoder (mapped), the heads (reference -> our names), the
+    CompVis UNet, and the report of what is known so far."""
+
+    encoder: MappedMSM
+    heads: dict[str, str]
+    conditioner: ConditionerConfig
+    unet_ldm: dict[str, Tensor]
+    report: dict[str, dict[str, Any]]
+
+
+def partition(state: dict[str, Tensor], values: dict[str, Any]) -> Partition:
+    """Sort every tensor of `state` into a part, or fail naming the ones no part knows."""
+    encoder = map_msm({k[len(ENCODER) :]: v for k, v in state.items() if k.startswith(ENCODER)}, values)
+    report = {ENCODER + k: entry for k, entry in encoder.report.items()}
+    heads = _heads(state)
+    report |= {k: {"status": "mapped", "to": v} for k, v in heads.items()}
+    conditioner = conditioner_config(state, time_cond=any(k.startswith(TIME_COND) for k in state))
+    unet_ldm = {k: v for k, v in state.items() if k.startswith(UNET) and not k.startswith(TIME_COND)}
+    unknown = []
+    for name in state:
+        if name in report or name in unet_ldm or name in SCHEDULE:
+            continue
+        why = next((w for prefix, w in UNUSED.items() if name.startswith(prefix)), None)
+        if why is None and name in DERIVED:
+            why = "the noise schedule, computed from betas"
+        if why is None:
+            unknown.append(name)
+        else:
+            report[name] = {"status": "unused", "why": why}
+    if unknown:
+        raise DreamdiffError(
+            f"CHECKPOINT: {len(unknown)} tensor(s) unknown to a reference generation checkpoint "
+            f"(e.g. {unknown[:4]}); nothing was written"
+        )
+    return Partition(encoder, heads, conditioner, unet_ldm, report)
+
+
+def import_generator(
+    checkpoint: str | Path, base_model: str, out: str | Path, base_config: str = SD15_CONFIGS
+) -> dict[str, Any]:
+    """Import `checkpoint` on top of `base_model` (a diffusers folder, a hub id, or SD's single .ckpt/.safetensors
+    file, converted into <out>/base-model with `base_config`'s component configs) into the generator folder
+    `out`; returns the import record. Everything is checked before the folder appears; the same file again is
+    skipped."""
     checkpoint, out = Path(checkpoint), Path(out)
     if not checkpoint.is_file():
         raise DreamdiffError(f"CHECKPOINT: no such file {checkpoint}; expected a reference generation checkpoint")
@@ -115,48 +162,50 @@ def import_generator(checkpoint: str | Path, base_model: str, out: str | Path) -
     if values.get("global_pool") is True:
         raise DreamdiffError("CHECKPOINT: its config has global_pool True; dreamdiff's conditioner reads every token")
     state: dict[str, Tensor] = data["model_state_dict"]
-    report: dict[str, dict[str, Any]] = {}
-
-    encoder = map_msm({k[len(ENCODER) :]: v for k, v in state.items() if k.startswith(ENCODER)}, values)
-    report |= {ENCODER + k: entry for k, entry in encoder.report.items()}
-    heads = _heads(state)
-    report |= {k: {"status": "mapped", "to": v} for k, v in heads.items()}
-    time_cond = any(k.startswith(TIME_COND) for k in state)
-    conditioner = conditioner_config(state, time_cond)
-    unet_ldm = {k: v for k, v in state.items() if k.startswith(UNET) and not k.startswith(TIME_COND)}
-    unknown = []
-    for name in state:
-        if name in report or name in unet_ldm:
-            continue
-        why = next((w for prefix, w in UNUSED.items() if name.startswith(prefix)), None)
-        if why is not None:
-            report[name] = {"status": "unused", "why": why}
-        elif name in DERIVED:
-            report[name] = {"status": "unused", "why": "the noise schedule, computed from betas"}
-        elif name not in SCHEDULE:
-            unknown.append(name)
-    if unknown:
-        raise DreamdiffError(
-            f"CHECKPOINT: {len(unknown)} tensor(s) unknown to a reference generation checkpoint "
-            f"(e.g. {unknown[:4]}); nothing was written"
+    parts = partition(state, values)
+    with published(out) as stage:
+        base, recorded_base = base_model, base_model
+        if Path(base_model).suffix in SINGLE_FILE and Path(base_model).is_file():
+            convert_single_file(Path(base_model), base_config, stage / BASE_DIR)
+            base, recorded_base = str(stage / BASE_DIR), str(out.resolve() / BASE_DIR)
+        elif Path(base_model).is_dir():
+            recorded_base = str(Path(base_model).resolve())
+        components = load_sd_components(base, time_cond=parts.conditioner.time_cond)
+        spec = GeneratorSpec(
+            base_model=recorded_base,
+            msm=parts.encoder.config,
+            conditioner=parts.conditioner,
+            trainable="cross_attention",
+            image_size=components.sample_size,
+            profile="reference",
         )
+        model = build_eeg_diffusion(spec, components)
+        report = parts.report | _check_schedule(state, components.noise_scheduler)
+        unet_state, unet_report = _convert_unet(parts.unet_ldm, components.unet, set(model.unet_trainable))
+        report |= unet_report
+        ours = dict(parts.encoder.state)  # "encoder.*": the same names in EEGDiffusion
+        ours |= {to: state[theirs] for theirs, to in parts.heads.items()}
+        ours |= {"unet." + k: v for k, v in unet_state.items()}
+        _load_checked(model, ours)
+        record = {
+            "kind": "generator",
+            "source": {"path": str(checkpoint.resolve()), "sha256": digest},
+            "base_model": {"given": base_model, "used": recorded_base},
+            "spec": spec.model_dump(mode="json"),
+            "sizes_from": parts.encoder.sources,
+            "reference_config": values,
+            "reference_config_dropped": data["config"].dropped if data.get("config") is not None else [],
+            "tensors": report,
+            "counts": count_statuses(report),
+        }
+        save_generator(model, spec, stage, info={"imported_from": record["source"], "profile": "reference"})
+        write_record(stage, record)
+    return record
 
-    components = load_sd_components(base_model, time_cond=time_cond)
-    spec = GeneratorSpec(
-        base_model=str(Path(base_model).resolve()) if Path(base_model).is_dir() else base_model,
-        msm=encoder.config,
-        conditioner=conditioner,
-        trainable="cross_attention",
-        image_size=components.sample_size,
-        profile="reference",
-    )
-    model = build_eeg_diffusion(spec, components)
-    report |= _check_schedule(state, components.noise_scheduler)
-    unet_state, unet_report = _convert_unet(unet_ldm, components.unet, set(model.unet_trainable))
-    report |= unet_report
-    ours = dict(encoder.state)  # "encoder.*": the same names in EEGDiffusion
-    ours |= {theirs_to: state[theirs] for theirs, theirs_to in heads.items()}
-    ours |= {"unet." + k: v for k, v in unet_state.items()}
+
+def _load_checked(model: EEGDiffusion, ours: dict[str, Tensor]) -> None:
+    """Put the mapped tensors into the model, which must have exactly those names (and shapes) outside the UNet's
+    untrained part."""
     expected = dict(model.state_dict())
     wrong = [k for k, v in ours.items() if k not in expected or tuple(v.shape) != tuple(expected[k].shape)]
     missing = [k for k in expected if k not in ours and not k.startswith("unet.")]
@@ -167,20 +216,28 @@ def import_generator(checkpoint: str | Path, base_model: str, out: str | Path) -
         )
     model.load_state_dict({k: v.float() for k, v in ours.items()}, strict=False)
 
-    record = {
-        "kind": "generator",
-        "source": {"path": str(checkpoint.resolve()), "sha256": digest},
-        "base_model": spec.base_model,
-        "spec": spec.model_dump(mode="json"),
-        "sizes_from": encoder.sources,
-        "reference_config": values,
-        "reference_config_dropped": data["config"].dropped if data.get("config") is not None else [],
-        "tensors": report,
-        "counts": count_statuses(report),
-    }
-    with published(out, record) as stage:
-        save_generator(model, spec, stage, info={"imported_from": record["source"], "profile": "reference"})
-    return record
+
+def convert_single_file(path: Path, config: str, folder: Path) -> None:
+    """SD's single checkpoint file -> a diffusers folder (unet/, vae/, scheduler/) with diffusers' own
+    `from_single_file`, the component configs taken from `config` (a diffusers folder or hub id of the same
+    architecture; the file holds weights only). Without a vae/ in a local `config`, none is converted."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    local = Path(config).is_dir()
+    options = {"config": config, "local_files_only": local}
+    try:
+        UNet2DConditionModel.from_single_file(str(path), subfolder="unet", **options).save_pretrained(folder / "unet")
+        if not local or (Path(config) / "vae").is_dir():
+            vae = AutoencoderKL.from_single_file(str(path), subfolder="vae", **options)
+            vae.save_pretrained(folder / "vae")
+        DDPMScheduler.from_pretrained(config, subfolder="scheduler", local_files_only=local).save_pretrained(
+            folder / "scheduler"
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise DreamdiffError(
+            f"--base-model: cannot convert {path} with the component configs of {config!r} ({first_line(err)}); "
+            "give --base-config a local SD 1.5 folder (its configs are enough), or a diffusers folder as --base-model"
+        ) from None
 
 
 def _check_schedule(state: dict[str, Tensor], scheduler: Any) -> dict[str, dict[str, Any]]:

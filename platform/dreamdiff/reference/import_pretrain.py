@@ -23,7 +23,7 @@ import yaml
 from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.msm import build_msm
 from dreamdiff.reference.checkpoint import load_reference_checkpoint, sha256
-from dreamdiff.reference.folder import previous_import, published
+from dreamdiff.reference.folder import previous_import, published, write_record
 from dreamdiff.reference.msm_keys import map_msm
 from dreamdiff.train.checkpoint import MODEL_FILE, save_training_state
 from dreamdiff.train.optim import build_optimizer
@@ -63,12 +63,13 @@ def import_pretrain(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
         "counts": mapped.counts(),
         "optimizer": f"fresh AdamW moments (weight decay {decay}); the reference's are not carried over",
     }
-    with published(out, record) as stage:
+    with published(out) as stage:
         save_training_state(stage, model, optimizer, {"step": 0})
         _link_or_copy(stage / MODEL_FILE, stage / ENCODER_FILE)
         header = "# the encoder sizes of an imported reference checkpoint (see import.json)\n"
         model_section = {"model": mapped.config.model_dump(mode="json")}
         (stage / CONFIG_FILE).write_text(header + yaml.safe_dump(model_section, sort_keys=False))
+        write_record(stage, record)
     return record
 
 
