@@ -15,6 +15,7 @@ from dreamdiff.config import (
     apply_overrides,
     load_config,
     record_config,
+    validate_config,
 )
 from dreamdiff.models.sampling import torch_compile_mode
 
@@ -132,3 +133,11 @@ def test_a_record_from_before_a_new_field_still_resumes(run_dir: Path) -> None:
     record_config(cfg, run_dir)  # a resume, allowed
     with pytest.raises(ConfigError, match="model.profile"):  # a non-default value is a change
         record_config(load_config("pretrain", "pretrain-demo", ["model.profile=reference"]), run_dir)
+
+
+def test_finetune_profile_and_an_explicit_encoder_profile_must_agree() -> None:
+    base = {"data": "d", "output": "o", "tiny_sd": {"sample_size": 16}, "encoder": {"preset": "tiny"}}
+    assert validate_config("finetune", {**base, "profile": "reference"}, "t").profile == "reference"  # follows
+    wrong = {**base, "encoder": {"preset": "tiny", "profile": "reference"}}
+    with pytest.raises(ConfigError, match="profile: is 'dreamdiff' but encoder.profile is 'reference'"):
+        validate_config("finetune", wrong, "t")

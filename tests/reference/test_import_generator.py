@@ -100,7 +100,7 @@ def test_a_base_model_other_than_the_one_trained_on_is_refused(reference: Path, 
         ),
         tmp_path / "other-sd",
     )
-    with pytest.raises(Exception, match="differs from the base model's .* outside the cross-attention"):
+    with pytest.raises(DreamdiffError, match="differs from the base model's .* outside the cross-attention"):
         import_generator(reference, str(other), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -115,7 +115,10 @@ def test_cli_imports_once_and_prints_what_was_unused(
     assert main(args) == 0 and "skipped" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("defect", ["pretrain checkpoint", "unknown tensor", "global pool", "no conditioner"])
+@pytest.mark.parametrize(
+    "defect",
+    ["pretrain checkpoint", "unknown tensor", "global pool", "no conditioner", "missing UNet tensor", "wrong token"],
+)
 def test_bad_checkpoints_fail_with_one_line_and_write_nothing(
     defect: str, tiny_sd: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -131,10 +134,19 @@ def test_bad_checkpoints_fail_with_one_line_and_write_nothing(
     elif defect == "global pool":
         generation_checkpoint(path, tiny_sd, global_pool=True)
         expected = "global_pool True"
-    else:
+    elif defect == "no conditioner":
         state = {k: v for k, v in generation_state(tiny_sd).items() if "dim_mapper" not in k}
         save_reference(path, {"model_state_dict": state}, {"Config_Generative_Model": values})
         expected = "no 'cond_stage_model.dim_mapper.weight'"
+    elif defect == "missing UNet tensor":
+        state = generation_state(tiny_sd)
+        del state["model.diffusion_model.input_blocks.1.0.in_layers.2.weight"]
+        save_reference(path, {"model_state_dict": state}, {"Config_Generative_Model": values})
+        expected = "its UNet does not fit the base model's .*in_layers|conv1"
+    else:
+        state = generation_state(tiny_sd) | {"cond_stage_model.mae.cls_token": torch.zeros(1, 1, 5)}
+        save_reference(path, {"model_state_dict": state}, {"Config_Generative_Model": values})
+        expected = "cls_token has shape \\[1, 1, 5\\]"
     out = tmp_path / "out"
     assert main(["import-reference", "generator", str(path), "--base-model", str(tiny_sd), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
@@ -164,3 +176,12 @@ def test_a_single_file_base_model_is_converted_into_the_generator_folder(
     with pytest.raises(DreamdiffError, match="--base-model: cannot convert"):
         import_generator(reference, str(single), tmp_path / "g2", base_config=str(tmp_path / "no-configs"))
     assert not (tmp_path / "g2").exists()
+
+
+def test_an_out_folder_with_a_corrupt_record_is_refused(reference: Path, tiny_sd: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / IMPORT_FILE).write_text("{not json")
+    with pytest.raises(DreamdiffError, match="--out: .* is not an import record"):
+        import_generator(reference, str(tiny_sd), out)
+    assert (out / IMPORT_FILE).read_text() == "{not json"  # left as it was

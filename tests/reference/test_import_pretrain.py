@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -178,7 +179,9 @@ def test_a_booby_trapped_pickle_is_refused_before_it_runs(tmp_path: Path, capsys
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("defect", ["generator", "truncated", "unknown tensor", "not a dict", "missing head count"])
+@pytest.mark.parametrize(
+    "defect", ["generator", "truncated", "unknown tensor", "not a dict", "missing head count", "misshapen tensor"]
+)
 def test_bad_checkpoints_fail_with_one_line_and_write_nothing(
     defect: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -197,9 +200,13 @@ def test_bad_checkpoints_fail_with_one_line_and_write_nothing(
     elif defect == "not a dict":
         torch.save([torch.zeros(1)], path)
         expected = "holds a list"
-    else:
+    elif defect == "missing head count":
         save_reference(path, {"model": msm_state()}, {"Config_MBM_EEG": {"mask_ratio": 0.5}})
         expected = "lacks \\['num_heads', 'decoder_num_heads'\\]"
+    else:
+        state = msm_state() | {"patch_embed.proj.weight": torch.zeros(16, 32)}
+        save_reference(path, {"model": state}, {"Config_MBM_EEG": pretrain_config_values()})
+        expected = "patch_embed.proj.weight has shape \\[16, 32\\]; expected 3 axes"
     out = tmp_path / "out"
     assert main(["import-reference", "pretrain", str(path), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
@@ -220,3 +227,11 @@ def test_resuming_with_other_model_settings_fails_before_any_work(
     err = capsys.readouterr().err
     assert "resume_from:" in err and "model.num_channels=8" in err and "model.profile=reference" in err
     assert not (tmp_path / "run").exists()
+
+    # a checkpoint folder inside a run: the run's own record is read
+    checkpoint = tmp_path / "earlier" / "ray" / "train" / "checkpoint_000001"
+    shutil.copytree(tmp_path / "out", checkpoint)
+    (checkpoint / "config.yaml").unlink()
+    shutil.copy(tmp_path / "out" / "config.yaml", tmp_path / "earlier" / "config.yaml")
+    assert main([*run, f"resume_from={checkpoint}"]) == 2
+    assert "model.num_channels=8" in capsys.readouterr().err

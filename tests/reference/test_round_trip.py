@@ -1,5 +1,5 @@
-"""An imported reference generator in every stage that takes one: fine-tuning continues from it, Serve answers with
-it, batch generation draws with it (real local Ray)."""
+"""An imported reference generator in every stage that takes one: fine-tuning continues from it, a Serve replica's
+engine answers with it, batch generation draws with it (real local Ray for the stages that run on it)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from tests.reference.reference_files import generation_checkpoint
-from tests.serve.conftest import TOKEN, running_app
 from tests.shards import epoch_columns, write_subject
 
 from dreamdiff.config import GenerateConfig, validate_config
-from dreamdiff.models.generator import SPEC_FILE, WEIGHTS_FILE, read_generator_meta
+from dreamdiff.errors import DreamdiffError
+from dreamdiff.models.diffusion import build_tiny_sd
+from dreamdiff.models.diffusion_config import TinyDiffusionConfig
+from dreamdiff.models.generator import WEIGHTS_FILE, read_generator_meta
 from dreamdiff.reference.import_generator import import_generator
+from dreamdiff.serve.api import GenerationItem
+from dreamdiff.serve.app import config_from_args
 from dreamdiff.serve.batch import run as generate
-from dreamdiff.serve.client import ServeClient
+from dreamdiff.serve.engine import GenerationEngine
 from dreamdiff.train.finetune import GENERATOR_DIR
 from dreamdiff.train.finetune import run as finetune
 from dreamdiff.train.worker import METRICS_FILE
@@ -57,23 +61,15 @@ def world(tiny_sd: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
 @pytest.mark.slow
 def test_fine_tuning_continues_from_an_imported_generator(ray_local: None, world: dict[str, Path]) -> None:
     out = world["root"] / "finetune"
-    cfg = {
-        "data": str(world["shards"]),
-        "output": str(out),
-        "base_model": str(world["base"]),
-        "init_from": str(world["generator"]),
-        "profile": "reference",
-        "conditioner": {"context_dim": 64, "clip_dim": 64, "mid_tokens": 8},
-        "clip_model": "dreamdiff-tiny",
-        "clip_pretrained": None,
-        "optim": {"lr": 1e-4, "min_lr": 1e-4, "warmup_steps": 0},
-        "epochs": 1,
-        "batch_size": 8,  # one step
-        "precision": "fp32",
-        "log_every_steps": 1,
-        "preview": {"eegs": 0},
-        "scaling": {"num_workers": 1},
-    }
+    cfg = _finetune_config(
+        world,
+        out,
+        optim={"lr": 1e-4, "min_lr": 1e-4, "warmup_steps": 0},
+        epochs=1,  # 8 training rows, batch 8: one step
+        precision="fp32",
+        log_every_steps=1,
+        scaling={"num_workers": 1},
+    )
     final = finetune(validate_config("finetune", cfg, "test"))
     assert final["step"] == 1
     assert [json.loads(line)["step"] for line in (out / METRICS_FILE).read_text().splitlines()] == [1]
@@ -87,26 +83,64 @@ def test_fine_tuning_continues_from_an_imported_generator(ray_local: None, world
     step = max(float((after[k] - before[k]).abs().max()) for k in before)
     assert 0 < step < 1e-2  # one small step away from the import, not a fresh start
 
-    # settings that do not fit the generator fail before any work, naming what to set
-    with pytest.raises(Exception, match=r"init_from: .* set .*conditioner\.mid_tokens=8"):
-        finetune(validate_config("finetune", {**cfg, "conditioner": {"context_dim": 64, "clip_dim": 64}}, "t"))
+
+def _finetune_config(world: dict[str, Path], out: Path, **extra: object) -> dict:
+    return {
+        "data": str(world["shards"]),
+        "output": str(out),
+        "base_model": str(world["base"]),
+        "init_from": str(world["generator"]),
+        "profile": "reference",
+        "conditioner": {"context_dim": 64, "clip_dim": 64, "mid_tokens": 8},
+        "clip_model": "dreamdiff-tiny",
+        "clip_pretrained": None,
+        "batch_size": 8,
+        "preview": {"eegs": 0},
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"conditioner": {"context_dim": 64, "clip_dim": 64}}, r"init_from: .* set conditioner\.mid_tokens=8"),
+        ({"profile": "dreamdiff"}, r"init_from: .* set profile=reference"),
+        ({"trainable": "all"}, r"init_from: .* set trainable=cross_attention"),
+        ({"base_model": "OTHER"}, r"init_from: its UNet tensors do not fit base_model"),
+    ],
+)
+def test_settings_that_do_not_fit_the_generator_fail_before_any_work(
+    world: dict[str, Path], tmp_path: Path, change: dict, message: str
+) -> None:
+    if change.get("base_model") == "OTHER":  # same image size, other widths
+        torch.manual_seed(1)
+        other = TinyDiffusionConfig(
+            sample_size=8,
+            block_out_channels=[32, 64],
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+            cross_attention_dim=64,
+        )
+        change = {"base_model": str(build_tiny_sd(other, tmp_path / "other-sd"))}
+    out = tmp_path / "run"
+    with pytest.raises(DreamdiffError, match=message):
+        finetune(validate_config("finetune", _finetune_config(world, out, **change), "test"))
+    assert not out.exists()  # nothing recorded, nothing started
+
+
+def test_a_serve_replica_answers_with_an_imported_generator(world: dict[str, Path]) -> None:
+    """What a Serve replica runs for a request (its engine: load once, sample a batch), without Ray, on the imported
+    generator: the reference profile's time conditioning and PLMS reach the endpoint's answers."""
+    cfg = config_from_args({"config": "serve-demo", "checkpoint": str(world["generator"])})
+    engine = GenerationEngine.load(cfg)
+    assert engine.generator.spec.profile == "reference" and engine.info.shape().channels == 128
+    eeg = np.random.default_rng(1).standard_normal((128, 512)).astype(np.float32)
+    item = GenerationItem(eeg, np.ones(128, bool), seed=3, num_images=2, steps=3, sampler="plms", guidance_scale=1.0)
+    (answer,) = engine.run_batch([item])
+    assert answer["images"].shape == (2, 8, 8, 3) and answer["images"].dtype == np.uint8
 
 
 @pytest.mark.slow
-def test_serve_and_batch_generation_use_an_imported_generator(
-    ray_local: None, world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    assert (world["generator"] / SPEC_FILE).is_file()
-    app = running_app(world["generator"], tmp_path_factory)
-    cfg = next(app)
-    try:
-        eeg = np.random.default_rng(1).standard_normal((128, 512)).astype(np.float32)
-        result = ServeClient(f"http://127.0.0.1:{cfg.port}", token=TOKEN, timeout=120).generate(
-            eeg, num_images=2, seed=3
-        )
-        assert len(result.images) == 2 and result.metadata["seed"] == 3
-    finally:
-        next(app, None)
+def test_batch_generation_uses_an_imported_generator(ray_local: None, world: dict[str, Path]) -> None:
     summary = generate(
         GenerateConfig(
             input=str(world["shards"]),

@@ -91,8 +91,10 @@ class FinetuneConfig(StrictModel):
     )
     profile: Profile = Field(
         default="dreamdiff",
+        validate_default=True,
         description="the switch between our forward passes and the reference code's (dreamdiff.models.profile): "
-        "it sets the encoder's profile (over encoder.profile and the pretrain run's), and reference also turns "
+        "it sets the encoder's profile (over the pretrain run's; an explicit encoder.profile must agree), and "
+        "reference also turns "
         "conditioner.time_cond on and samples PLMS at the reference's timesteps",
     )
     clip_model: str = Field(default="ViT-L-14", description="open_clip model of the frozen image tower")
@@ -172,6 +174,14 @@ class FinetuneConfig(StrictModel):
             raise ValueError("encoder_checkpoint and init_from both initialise the encoder: give one")
         if value is None and checkpoint is None and init is None:
             raise ValueError("give the encoder sizes (e.g. {preset: large}) when encoder_checkpoint is null")
+        return value
+
+    @field_validator("profile")
+    @classmethod
+    def _one_profile(cls, value: str, info: ValidationInfo) -> str:
+        encoder = info.data.get("encoder")
+        if encoder is not None and "profile" in encoder.model_fields_set and encoder.profile != value:
+            raise ValueError(f"is {value!r} but encoder.profile is {encoder.profile!r}: set one, `profile`")
         return value
 
     @field_validator("optim")

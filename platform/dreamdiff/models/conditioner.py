@@ -48,6 +48,12 @@ class ConditionerConfig(StrictModel):
         return value
 
 
+def token_mixer(tokens: int, mid: int, out: int) -> nn.Sequential:
+    """Two 1x1 Conv1d over the TOKEN axis (tokens -> mid -> out), no activation between: one linear map over
+    tokens of rank <= mid, as the reference code mixes tokens."""
+    return nn.Sequential(nn.Conv1d(tokens, mid, kernel_size=1), nn.Conv1d(mid, out, kernel_size=1))
+
+
 def _check_tokens(tokens: Tensor, num_tokens: int, embed_dim: int) -> None:
     if tokens.ndim != 3 or tokens.shape[1:] != (num_tokens, embed_dim):
         raise ValueError(f"tokens must be [batch, {num_tokens}, {embed_dim}], got {list(tokens.shape)}")
@@ -77,10 +83,7 @@ class EEGConditioner(nn.Module):
             raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
         self.num_tokens, self.embed_dim = num_tokens, embed_dim
         self.cond_drop_prob = cond_drop_prob
-        self.token_mixer = nn.Sequential(
-            nn.Conv1d(num_tokens, mid_tokens, kernel_size=1),
-            nn.Conv1d(mid_tokens, context_tokens, kernel_size=1),
-        )
+        self.token_mixer = token_mixer(num_tokens, mid_tokens, context_tokens)
         self.proj = nn.Linear(embed_dim, context_dim)
         # Only created when used: a parameter that never receives a gradient breaks DDP, and a checkpoint
         # should not carry an untrained null context that guidance would then trust.
@@ -163,10 +166,7 @@ class TimeConditioner(nn.Module):
         if context_tokens < 2:
             raise ValueError(f"context_tokens must be >= 2 (pooled through context_tokens // 2), got {context_tokens}")
         self.context_tokens, self.context_dim = context_tokens, context_dim
-        self.token_mixer = nn.Sequential(
-            nn.Conv1d(context_tokens, context_tokens // 2, kernel_size=1),
-            nn.Conv1d(context_tokens // 2, 1, kernel_size=1),
-        )
+        self.token_mixer = token_mixer(context_tokens, context_tokens // 2, 1)
         self.proj = nn.Linear(context_dim, time_embed_dim)
 
     @classmethod

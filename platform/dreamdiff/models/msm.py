@@ -291,10 +291,10 @@ class MSMEncoder(nn.Module):
         tokens = self.patch_embed(zero_channels(eeg, channel_mask)).transpose(1, 2)
         return tokens + self.pos_embed[1:]
 
-    def encode(self, tokens: Tensor, cls: bool = True) -> Tensor:
+    def encode(self, tokens: Tensor, with_cls: bool = True) -> Tensor:
         """Run the blocks over the tokens, cls prepended: [B, N, D] -> [B, 1 + N, D]; without: [B, N, D]."""
         x = tokens
-        if cls:
+        if with_cls:
             token = (self.cls_token + self.pos_embed[0]).to(tokens.dtype).expand(tokens.shape[0], 1, -1)
             x = torch.cat([token, tokens], dim=1)
         for block in self.blocks:
@@ -305,7 +305,7 @@ class MSMEncoder(nn.Module):
         """The downstream tokens [B, T/p, D]. Ours see the cls token in the blocks (as in pretraining) and drop
         it after; the reference profile's encoder never has it (dreamdiff.models.profile)."""
         if self.cfg.profile == "reference":
-            return self.encode(self.embed(eeg, channel_mask), cls=False)
+            return self.encode(self.embed(eeg, channel_mask), with_cls=False)
         return self.encode(self.embed(eeg, channel_mask))[:, 1:]
 
     def compile_blocks(self, mode: str | None = None) -> None:

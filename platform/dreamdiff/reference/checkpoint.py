@@ -76,7 +76,10 @@ def _refusal(err: pickle.UnpicklingError) -> str:
     return (found.group(1) if found else first_line(err))[:200]
 
 
-def sha256(path: Path) -> str:
+def sha256(path: Path, kind: Kind) -> str:
+    """The file's sha256 (the import's identity); a missing file fails here, naming what was expected."""
+    if not path.is_file():
+        raise DreamdiffError(f"CHECKPOINT: no such file {path}; expected a reference {kind} checkpoint (.pth)")
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -91,8 +94,6 @@ def load_reference_checkpoint(path: str | Path, kind: Kind) -> dict[str, Any]:
     which.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DreamdiffError(f"CHECKPOINT: no such file {path}; expected a reference {kind} checkpoint (.pth)")
     try:
         with torch.serialization.safe_globals(STAND_INS):
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=False)

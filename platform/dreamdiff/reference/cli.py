@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+SD15_CONFIGS = "runwayml/stable-diffusion-v1-5"  # whose component configs describe SD 1.5's single file
 HELP = "import a DreamDiffusion reference checkpoint (pretraining or generation) as a dreamdiff folder"
 DESCRIPTION = (
     "Read a checkpoint of the DreamDiffusion reference code without running anything in it, map every tensor onto "
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     generator.add_argument(
         "--base-config",
-        default="runwayml/stable-diffusion-v1-5",
+        default=SD15_CONFIGS,
         help="for a single-file base model: the diffusers folder or hub id whose component configs describe it "
         "(default: %(default)s)",
     )

@@ -26,8 +26,14 @@ def previous_import(out: Path, digest: str) -> dict[str, Any] | None:
         raise DreamdiffError(f"--out: {out} is a file; expected a new or empty folder")
     record = out / IMPORT_FILE
     if record.is_file():
-        saved = json.loads(record.read_text())
-        if saved.get("source", {}).get("sha256") == digest:
+        try:
+            saved = json.loads(record.read_text())
+            saved["source"]["sha256"]
+        except (ValueError, TypeError, KeyError) as err:
+            raise DreamdiffError(
+                f"--out: {record} is not an import record ({type(err).__name__}); choose a new folder"
+            ) from None
+        if saved["source"]["sha256"] == digest:
             return saved
         raise DreamdiffError(
             f"--out: {out} holds an import of another file ({saved.get('source', {}).get('path')}); choose a new folder"

@@ -30,6 +30,7 @@ from dreamdiff.models.diffusion import load_sd_components
 from dreamdiff.models.eeg_diffusion import EEGDiffusion, GeneratorSpec, build_eeg_diffusion
 from dreamdiff.models.generator import save_generator
 from dreamdiff.reference.checkpoint import load_reference_checkpoint, sha256
+from dreamdiff.reference.cli import SD15_CONFIGS
 from dreamdiff.reference.folder import previous_import, published, write_record
 from dreamdiff.reference.msm_keys import MappedMSM, count_statuses, map_msm
 
@@ -51,6 +52,12 @@ UNUSED = {
     "first_stage_model.": "the frozen VAE: the base model's is used",
     "image_embedder.": "the frozen CLIP image tower: the stages load clip_model",
 }
+CONDITIONER_SHAPES = {  # the tensors the conditioner's sizes are read from, and their axes
+    "cond_stage_model.channel_mapper.0.weight": 3,
+    "cond_stage_model.channel_mapper.1.weight": 3,
+    "cond_stage_model.dim_mapper.weight": 2,
+    "cond_stage_model.mapping.fc.weight": 2,
+}
 SCHEDULE = ("betas", "alphas_cumprod")  # checked against the base model's scheduler
 DERIVED = {  # the reference's other schedule buffers, all computed from betas
     "alphas_cumprod_prev",
@@ -68,7 +75,6 @@ DERIVED = {  # the reference's other schedule buffers, all computed from betas
 }
 SINGLE_FILE = (".ckpt", ".safetensors")
 BASE_DIR = "base-model"  # where a single-file base model is converted, inside the generator folder
-SD15_CONFIGS = "runwayml/stable-diffusion-v1-5"  # the component configs for SD 1.5's single file
 BASE_TOLERANCE = 1e-3  # relative norm difference allowed between an untrained UNet tensor and the base model's
 
 
@@ -85,16 +91,20 @@ def _heads(state: dict[str, Tensor]) -> dict[str, str]:
 def conditioner_config(state: dict[str, Tensor], time_cond: bool) -> ConditionerConfig:
     """The conditioner's sizes from its tensors: token mixer N -> mid -> context tokens, projection to the UNet's
     context width, the CLIP head's width."""
-    try:
-        mid, _, _ = state["cond_stage_model.channel_mapper.0.weight"].shape
-        tokens, _, _ = state["cond_stage_model.channel_mapper.1.weight"].shape
-        context_dim, _ = state["cond_stage_model.dim_mapper.weight"].shape
-        clip_dim, _ = state["cond_stage_model.mapping.fc.weight"].shape
-    except KeyError as err:
-        raise DreamdiffError(
-            f"CHECKPOINT: the generation checkpoint has no {err.args[0]!r}; expected the reference's cond_stage_model "
-            "(channel_mapper, dim_mapper, mapping)"
-        ) from None
+    shapes = {}
+    for name, ndim in CONDITIONER_SHAPES.items():
+        if name not in state:
+            raise DreamdiffError(
+                f"CHECKPOINT: the generation checkpoint has no {name!r}; expected the reference's cond_stage_model "
+                "(channel_mapper, dim_mapper, mapping)"
+            )
+        if state[name].ndim != ndim:
+            raise DreamdiffError(f"CHECKPOINT: {name} has shape {list(state[name].shape)}; expected {ndim} axes")
+        shapes[name] = state[name].shape
+    mid = shapes["cond_stage_model.channel_mapper.0.weight"][0]
+    tokens = shapes["cond_stage_model.channel_mapper.1.weight"][0]
+    context_dim = shapes["cond_stage_model.dim_mapper.weight"][0]
+    clip_dim = shapes["cond_stage_model.mapping.fc.weight"][0]
     return ConditionerConfig(
         context_tokens=tokens, context_dim=context_dim, mid_tokens=mid, clip_dim=clip_dim, time_cond=time_cond
     )
@@ -151,9 +161,7 @@ def import_generator(
     `out`; returns the import record. Everything is checked before the folder appears; the same file again is
     skipped."""
     checkpoint, out = Path(checkpoint), Path(out)
-    if not checkpoint.is_file():
-        raise DreamdiffError(f"CHECKPOINT: no such file {checkpoint}; expected a reference generation checkpoint")
-    digest = sha256(checkpoint)
+    digest = sha256(checkpoint, "generator")
     earlier = previous_import(out, digest)
     if earlier is not None:
         return {**earlier, "skipped": True}
@@ -261,12 +269,20 @@ def _convert_unet(
 ) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]]]:
     """The trained UNet tensors under diffusers' names, and the report of every CompVis tensor: the trainable set
     mapped, the rest checked equal to the base model's."""
-    converted = convert_ldm_unet_checkpoint(ldm, dict(base.config))
+    try:
+        converted = convert_ldm_unet_checkpoint(ldm, dict(base.config))
+    except (KeyError, IndexError, ValueError) as err:
+        raise DreamdiffError(
+            f"CHECKPOINT: its UNet is not in the layout of the base model's ({first_line(err)}); give the SD it was "
+            "trained from as --base-model"
+        ) from None
+    # diffusers' converter copies no tensor: each converted value is one of the file's, found by identity
     source = {id(v): k for k, v in ldm.items()}
+    absent = sorted(name for name, value in converted.items() if id(value) not in source)
     unconverted = sorted(set(ldm) - {source[id(v)] for v in converted.values() if id(v) in source})
     base_state = base.state_dict()
-    if unconverted or set(converted) != set(base_state):
-        odd = unconverted or sorted(set(converted) ^ set(base_state))
+    if absent or unconverted or set(converted) != set(base_state):
+        odd = [f"{n} (absent)" for n in absent] + unconverted + sorted(set(converted) ^ set(base_state))
         raise DreamdiffError(
             f"CHECKPOINT: its UNet does not fit the base model's (e.g. {odd[:3]}); give the SD it was trained from "
             "as --base-model"
@@ -283,7 +299,8 @@ def _convert_unet(
             raise DreamdiffError(
                 f"CHECKPOINT: its UNet tensor {theirs} differs from the base model's {name} (relative difference "
                 f"{difference:.1e}), outside the cross-attention that the reference trains; give the SD it was "
-                "trained from as --base-model"
+                "trained from as --base-model (the reference trains on v1-5-pruned.ckpt's non-EMA UNet: pass that "
+                "file)"
             )
         report[theirs] = {"status": "verified", "equals": f"the base model's unet.{name}"}
     return trained, report

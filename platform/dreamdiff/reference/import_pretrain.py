@@ -20,11 +20,10 @@ from typing import Any
 
 import yaml
 
-from dreamdiff.errors import DreamdiffError
 from dreamdiff.models.msm import build_msm
 from dreamdiff.reference.checkpoint import load_reference_checkpoint, sha256
 from dreamdiff.reference.folder import previous_import, published, write_record
-from dreamdiff.reference.msm_keys import map_msm
+from dreamdiff.reference.msm_keys import count_statuses, map_msm
 from dreamdiff.train.checkpoint import MODEL_FILE, save_training_state
 from dreamdiff.train.optim import build_optimizer
 from dreamdiff.train.pretrain_loop import ENCODER_FILE
@@ -38,9 +37,7 @@ def import_pretrain(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     """Import `checkpoint` into the folder `out`; returns the import record. Everything is checked before anything
     is written; importing the same file again into the same folder returns the earlier record."""
     checkpoint, out = Path(checkpoint), Path(out)
-    if not checkpoint.is_file():
-        raise DreamdiffError(f"CHECKPOINT: no such file {checkpoint}; expected a reference pretrain checkpoint (.pth)")
-    digest = sha256(checkpoint)
+    digest = sha256(checkpoint, "pretrain")
     earlier = previous_import(out, digest)
     if earlier is not None:
         return {**earlier, "skipped": True}
@@ -60,7 +57,7 @@ def import_pretrain(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
         "reference_config": values,
         "reference_config_dropped": config.dropped if config is not None else [],
         "tensors": mapped.report,
-        "counts": mapped.counts(),
+        "counts": count_statuses(mapped.report),
         "optimizer": f"fresh AdamW moments (weight decay {decay}); the reference's are not carried over",
     }
     with published(out) as stage:

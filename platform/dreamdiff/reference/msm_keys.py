@@ -16,6 +16,7 @@ downstream).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,9 +60,6 @@ class MappedMSM:
     state: dict[str, Tensor] = field(default_factory=dict)
     report: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def counts(self) -> dict[str, int]:
-        return count_statuses(self.report)
-
 
 def count_statuses(report: dict[str, dict[str, Any]]) -> dict[str, int]:
     """How many tensors of an import report ended in each place (mapped, recomputed, verified, unused)."""
@@ -86,9 +84,12 @@ def _count(state: dict[str, Tensor], prefix: str) -> int:
     return len(indices)
 
 
-def _shape(state: dict[str, Tensor], name: str) -> tuple[int, ...]:
+def _shape(state: dict[str, Tensor], name: str, ndim: int) -> tuple[int, ...]:
+    """The shape of `name`, which must exist with `ndim` axes."""
     if name not in state:
         raise DreamdiffError(f"CHECKPOINT: the MSM state dict has no {name!r}; expected a reference MAEforEEG")
+    if state[name].ndim != ndim:
+        raise DreamdiffError(f"CHECKPOINT: {name} has shape {list(state[name].shape)}; expected {ndim} axes")
     return tuple(state[name].shape)
 
 
@@ -96,9 +97,9 @@ def infer_config(state: dict[str, Tensor], values: dict[str, Any]) -> tuple[MSMC
     """Our `MSMConfig` (profile "reference") for a reference MSM state dict and its config's `values`, and where
     each size came from. Sizes come from the tensor shapes; the head counts (which shapes cannot tell) and the
     mask ratio come from the config."""
-    embed_dim, channels, patch = _shape(state, "patch_embed.proj.weight")
-    hidden, _ = _shape(state, "blocks.0.mlp.fc1.weight")
-    tokens = _shape(state, "pos_embed")[1] - 1 if "pos_embed" in state else None
+    embed_dim, channels, patch = _shape(state, "patch_embed.proj.weight", 3)
+    hidden, _ = _shape(state, "blocks.0.mlp.fc1.weight", 2)
+    tokens = _shape(state, "pos_embed", 3)[1] - 1 if "pos_embed" in state else None
     decoder = "decoder_embed.weight" in state
     heads = ["num_heads", "decoder_num_heads"] if decoder else ["num_heads"]
     missing = [k for k in heads if not isinstance(values.get(k), int)]
@@ -119,7 +120,7 @@ def infer_config(state: dict[str, Tensor], values: dict[str, Any]) -> tuple[MSMC
     source = {k: "tensor shapes" for k in sizes} | {"num_heads": "config"}
     if decoder:
         sizes |= {
-            "decoder_embed_dim": _shape(state, "decoder_embed.weight")[0],
+            "decoder_embed_dim": _shape(state, "decoder_embed.weight", 2)[0],
             "decoder_depth": _count(state, "decoder_blocks"),
             "decoder_num_heads": values["decoder_num_heads"],
         }
@@ -158,11 +159,13 @@ def map_msm(state: dict[str, Tensor], values: dict[str, Any]) -> MappedMSM:
             continue
         ours = our_name(name)
         if ours is not None:
-            value = tensor.reshape(expected.get(ours, tensor.shape)) if name.endswith("token") else tensor
-            if tuple(value.shape) != expected.get(ours):
+            want = expected.get(ours, ())
+            token = name.endswith("token") and tensor.numel() == math.prod(want)  # [1, 1, D] -> [D]
+            value = tensor.reshape(want) if token else tensor
+            if tuple(value.shape) != want:
                 raise DreamdiffError(
                     f"CHECKPOINT: {name} has shape {list(tensor.shape)}; the inferred model expects "
-                    f"{list(expected.get(ours, ()))} for {ours}"
+                    f"{list(want)} for {ours}"
                 )
             mapped.state[ours] = value.float().contiguous()
             mapped.report[name] = {"status": "mapped", "to": ours}

@@ -35,7 +35,7 @@ from dreamdiff.models.clip import _check_request, load_clip_image_encoder, save_
 from dreamdiff.models.conditioner import ConditionerConfig
 from dreamdiff.models.diffusion import build_tiny_sd
 from dreamdiff.models.eeg_diffusion import ENCODER_PREFIX, GeneratorSpec
-from dreamdiff.models.generator import check_generator_weights, read_generator_meta
+from dreamdiff.models.generator import WEIGHTS_FILE, check_generator_weights, read_generator_meta
 from dreamdiff.models.msm import MSMConfig, MSMEncoder
 from dreamdiff.train import tiny_sd_pretrain
 from dreamdiff.train.finetune_loop import GENERATOR_DIR, steps_per_epoch, train_loop
@@ -92,6 +92,14 @@ def resolve_init(cfg: FinetuneConfig) -> GeneratorSpec | None:
         check_generator_weights(cfg.init_from)
     except DreamdiffError as err:
         raise DreamdiffError(f"init_from: {err}") from None
+    shape = base_shape(cfg)
+    if shape.image_size != spec.image_size:
+        raise DreamdiffError(
+            f"init_from: {cfg.init_from} draws {spec.image_size} px images but the base model draws "
+            f"{shape.image_size} px; give the base model it was trained on ({spec.base_model})"
+        )
+    if cfg.base_model is not None:
+        _check_init_unet(cfg, spec)
     built = generator_spec(cfg, spec.msm, spec.base_model, spec.image_size)
     changed = [f"profile={spec.profile}"] if built.profile != spec.profile else []
     changed += [f"trainable={spec.trainable}"] if built.trainable != spec.trainable else []
@@ -103,6 +111,30 @@ def resolve_init(cfg: FinetuneConfig) -> GeneratorSpec | None:
     if changed:
         raise DreamdiffError(f"init_from: {cfg.init_from} was trained with other settings; set {' '.join(changed)}")
     return spec
+
+
+def _check_init_unet(cfg: FinetuneConfig, spec: GeneratorSpec) -> None:
+    """The UNet tensors of the `init_from` generator must fit the run's base model (shapes from its config, no
+    weights); a base model other than the one it was trained on is logged."""
+    base = str(cfg.base_model)
+    config = dict(UNet2DConditionModel.load_config(base, subfolder="unet"))
+    if spec.conditioner.time_cond:
+        config["class_embed_type"] = "identity"
+    with torch.device("meta"):
+        expected = {
+            f"unet.{k}": tuple(v.shape) for k, v in UNet2DConditionModel.from_config(config).state_dict().items()
+        }
+    with safe_open(str(Path(cfg.init_from) / WEIGHTS_FILE), "pt") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("unet.")}
+    wrong = sorted(k for k, shape in found.items() if expected.get(k) != shape)
+    if wrong:
+        raise DreamdiffError(
+            f"init_from: its UNet tensors do not fit base_model {base!r} (e.g. {wrong[:2]}); give the base model it "
+            f"was trained on ({spec.base_model})"
+        )
+    local = Path(base).expanduser()
+    if (str(local.resolve()) if local.is_dir() else base) != spec.base_model:
+        log.warning("init_from: %s was trained on %s; continuing on %s", cfg.init_from, spec.base_model, base)
 
 
 def resolve_encoder(cfg: FinetuneConfig) -> tuple[MSMConfig, str | None]:
@@ -344,6 +376,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     clip_weights = _clip_weights(cfg, output)
     shape: BaseShape = checked["shape"]
     spec = generator_spec(cfg, checked["msm"], base_model, shape.image_size)
+    init_from = str(Path(cfg.init_from).resolve()) if cfg.init_from else None
     init_ray(cfg.ray)
     models = FrozenModels(
         base_model, cfg.clip_model, clip_weights, shape.image_size, shape.latent_shape, checked["clip_dim"]
@@ -355,7 +388,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     cache = fits_object_store(_decoded_bytes(pre.files))
     dataset = training_dataset(pre.files, TRAIN_COLUMNS, seed=cfg.seed, cache=cache)
     provenance = {
-        "encoder_init": str(Path(cfg.init_from).resolve()) if cfg.init_from else checked["weights"] or "scratch",
+        "encoder_init": init_from or checked["weights"] or "scratch",
         "clip_model": cfg.clip_model,
         "clip_pretrained": clip_weights,
         "clip_weight": cfg.clip_weight,
@@ -368,7 +401,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         "output": str(output),
         "rows": pre.rows,
         "encoder_weights": checked["weights"],
-        "init_from": str(Path(cfg.init_from).resolve()) if cfg.init_from else None,
+        "init_from": init_from,
         "preview": preview,
         "provenance": provenance,
         "clip_mean": clip_mean(pre.files).tolist() if cfg.conditioner.clip_center else None,

@@ -30,7 +30,7 @@ import yaml
 from dreamdiff import storage
 from dreamdiff.config import PretrainConfig, record_config
 from dreamdiff.data.reader import TRAIN_COLUMNS, read_table, row_counts, shard_files
-from dreamdiff.errors import DreamdiffError
+from dreamdiff.errors import DreamdiffError, first_line
 from dreamdiff.eval.probe import load_probe_sets
 from dreamdiff.models.msm import MSMConfig
 from dreamdiff.train.checkpoint import STATE_FILE, check_training_state
@@ -91,7 +91,9 @@ def _resume_folder(resume_from: str | None, model: MSMConfig) -> str | None:
         check_training_state(folder)  # a truncated checkpoint fails here, naming its file, before any work
     except DreamdiffError as err:
         raise DreamdiffError(f"resume_from: {err}") from err
-    _check_model_fits(path / "config.yaml", model)
+    # the record of the run (or import) continued: beside its checkpoint, or at the root of the run that holds it
+    run_root = folder.parents[2] if folder.parent.parent.name == RAY_DIR else folder
+    _check_model_fits(run_root / "config.yaml", model)
     return str(folder.resolve())
 
 
@@ -101,7 +103,11 @@ def _check_model_fits(record: Path, model: MSMConfig) -> None:
     saved = yaml.safe_load(record.read_text()) if record.is_file() else None
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
         return
-    theirs, ours = MSMConfig.model_validate(saved["model"]).architecture(), model.architecture()
+    try:
+        theirs = MSMConfig.model_validate(saved["model"]).architecture()
+    except ValueError as err:
+        raise DreamdiffError(f"resume_from: {record} holds no valid model section ({first_line(err)})") from None
+    ours = model.architecture()
     changed = [f"model.{k}={v}" for k, v in theirs.items() if v != ours[k]]
     if changed:
         raise DreamdiffError(
