@@ -1,9 +1,9 @@
 """An imported reference generator in every stage that takes one: fine-tuning continues from it, a Serve replica's
 engine answers with it, batch generation draws with it (real local Ray for the stages that run on it).
 
-These run after the Serve tests in the session: a Ray Serve app started in the session's Ray after a Ray Train run
-has been seen to fail to find its controller (tests/serve/test_schema_fuzz.py), so the session's Train runs come
-after its Serve apps."""
+These run after the Serve tests in the session: a Ray Serve app started in the session's Ray after this module's
+Ray Train and Ray Data runs has been seen to fail to find its controller (tests/serve/test_schema_fuzz.py), so they
+come after the Serve apps."""
 
 from __future__ import annotations
 
