@@ -52,8 +52,8 @@ def running_app(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, **se
     cfg = config_from_args(
         {"config": "serve-demo", "checkpoint": str(checkpoint), "port": port, "auth": auth, **settings}
     )
-    start(cfg)
-    try:
+    try:  # a start that fails part-way still shuts down what it started, or it holds the session's CPUs
+        start(cfg)
         yield cfg
     finally:
         serve.shutdown()
