@@ -11,6 +11,7 @@ place; an object-store object appears only when its upload completes). No Ray he
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 import shutil
@@ -137,6 +138,16 @@ def remove_tree(location: str | Path) -> None:
 
 #: the temporary name `atomic_write` gives a file while it is written (`name`: the file's own name)
 ATOMIC_TEMP = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{12}\.tmp$")
+
+
+def sha256_of(*paths: str | Path) -> str:
+    """The sha256 (hex) of the local files' bytes, one after the other, read in 16 MiB chunks."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:

@@ -14,7 +14,6 @@ EEG's seed and its index j only: not on the other EEGs in the batch, nor on num_
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 from pathlib import Path
@@ -34,7 +33,7 @@ from dreamdiff.models.diffusion import SDComponents, compile_sd, decode_latents,
 from dreamdiff.models.eeg_diffusion import EEGDiffusion, GeneratorSpec, build_eeg_diffusion
 from dreamdiff.models.profile import Profile
 from dreamdiff.models.sampling import Sampler
-from dreamdiff.storage import atomic_write
+from dreamdiff.storage import atomic_write, sha256_of
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "generator.safetensors"
@@ -44,12 +43,7 @@ SPEC_FILE = "generator.json"
 def model_id(checkpoint: str | Path) -> str:
     """sha256 of the checkpoint's spec and weights (16 hex digits): names the model in the index and keeps a
     re-trained checkpoint from mixing its images with an older one's."""
-    digest = hashlib.sha256()
-    for name in (SPEC_FILE, WEIGHTS_FILE):
-        with open(Path(checkpoint) / name, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return sha256_of(Path(checkpoint) / SPEC_FILE, Path(checkpoint) / WEIGHTS_FILE)[:16]
 
 
 REWRITE_HINT = "run finetune again to write a whole generator folder, or give another checkpoint"

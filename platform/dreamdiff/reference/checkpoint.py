@@ -10,7 +10,6 @@ weights-only unpickler before it is called.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 import zipfile
@@ -20,6 +19,7 @@ from typing import Any, Literal
 import torch
 
 from dreamdiff.errors import DreamdiffError, first_line
+from dreamdiff.storage import sha256_of
 
 Kind = Literal["pretrain", "generator"]
 # the top-level keys that identify each kind of checkpoint
@@ -80,11 +80,7 @@ def sha256(path: Path, kind: Kind) -> str:
     """The file's sha256 (the import's identity); a missing file fails here, naming what was expected."""
     if not path.is_file():
         raise DreamdiffError(f"CHECKPOINT: no such file {path}; expected a reference {kind} checkpoint (.pth)")
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_of(path)
 
 
 def load_reference_checkpoint(path: str | Path, kind: Kind) -> dict[str, Any]:
